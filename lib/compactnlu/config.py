@@ -1,0 +1,139 @@
+"""Profiles of the study (smoke, default, paper) and the paths everything is written to.
+
+A profile is one frozen dataclass. Notebooks take a profile name plus a dict of
+overrides from their papermill ``parameters`` cell and call :func:`load_profile`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCALES = ("hi-IN", "bn-BD", "ta-IN", "te-IN", "kn-IN", "ml-IN")
+GLOSS_LOCALE = "en-US"
+
+
+def _default_massive_dir() -> str:
+    # A relative MASSIVE_DIR is taken from the project root, where `make` runs, not from
+    # notebooks/, where papermill runs the notebooks.
+    return str(ROOT / os.environ.get("MASSIVE_DIR", "data/massive"))
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    # data
+    locales: tuple[str, ...] = LOCALES
+    massive_dir: str = field(default_factory=_default_massive_dir)
+    verify_checksums: bool = True
+    synthetic_data: bool = False  # write compactnlu.synthetic's stand-in corpus into massive_dir
+    max_utterances_per_locale: int | None = None  # None keeps every record
+    compose_k_probs: tuple[float, ...] = (0.3, 0.4, 0.3)  # P(k parts), k = 1, 2, 3
+    composed_per_utterance: float = 1.0  # composed examples per source utterance
+    seed: int = 13
+    # tokenizer: trained from the training text when tokenizer_name is None
+    tokenizer_name: str | None = None
+    vocab_size: int = 12000
+    max_length: int = 128
+    # encoder: from scratch (XLM-R architecture) when model_name is None
+    model_name: str | None = None
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    dropout: float = 0.1
+    # training
+    epochs: float = 3.0
+    learning_rate: float = 5e-4
+    batch_size: int = 32
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+
+    @property
+    def figures_dir(self) -> Path:
+        """Committed figures come from the default profile; other profiles write beside their runs."""
+        if self.name == "default":
+            return ROOT / "figures"
+        return ROOT / "runs" / self.name / "figures"
+
+    @property
+    def tables_dir(self) -> Path:
+        return self.figures_dir / "tables"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return Path(os.environ.get("COMPACTNLU_ARTIFACTS", ROOT / "artifacts"))
+
+    def key(self, *names: str) -> str:
+        """A short hash of the named fields, used to key cached artifacts."""
+        values = {n: getattr(self, n) for n in sorted(names)}
+        if "massive_dir" in values:  # the data's identity is its content, not where it lies
+            values["massive_dir"] = str(Path(values["massive_dir"]).resolve())
+        blob = json.dumps(values, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+DATA_FIELDS = (
+    "locales", "massive_dir", "max_utterances_per_locale", "compose_k_probs",
+    "composed_per_utterance", "seed",
+)
+TOKENIZER_FIELDS = DATA_FIELDS + ("tokenizer_name", "vocab_size")
+FEATURE_FIELDS = TOKENIZER_FIELDS + ("max_length",)
+
+PROFILES: dict[str, Profile] = {
+    # A tiny synthetic corpus in MASSIVE's format (compactnlu.synthetic): every notebook runs in seconds.
+    "smoke": Profile(
+        name="smoke",
+        massive_dir=str(ROOT / "artifacts" / "synthetic-massive"),
+        verify_checksums=False,
+        synthetic_data=True,
+        vocab_size=1500,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        epochs=1.0,
+        batch_size=16,
+        learning_rate=1e-3,
+    ),
+    # All of MASSIVE for the six locales, an encoder trained from scratch on a 2-core CPU.
+    "default": Profile(name="default"),
+    # The paper's set-up: xlm-roberta-base and its hyperparameters, for a GPU machine.
+    "paper": Profile(
+        name="paper",
+        tokenizer_name="xlm-roberta-base",
+        model_name="xlm-roberta-base",
+        max_length=128,
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=3072,
+        epochs=5.0,
+        learning_rate=2e-5,
+        batch_size=32,
+        warmup_ratio=0.1,
+    ),
+}
+
+
+def load_profile(name: str = "default", overrides: dict | None = None) -> Profile:
+    """The named profile with ``overrides`` (field name -> value) applied."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; available: {', '.join(PROFILES)}")
+    profile = PROFILES[name]
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
+    if unknown:
+        raise ValueError(f"unknown profile field(s): {', '.join(sorted(unknown))}")
+    for key in ("locales", "compose_k_probs"):
+        if key in overrides:
+            overrides[key] = tuple(overrides[key])
+    return dataclasses.replace(profile, **overrides)

@@ -1,0 +1,221 @@
+"""Tokenizer, subword label alignment, the cached tokenized dataset and the batch collator.
+
+Default profile: a SentencePiece-style Unigram tokenizer trained on the training text,
+wrapped as transformers' ``XLMRobertaTokenizer`` (XLM-R's special tokens and template).
+Paper profile: a pretrained tokenizer loaded by name or path. Either way the study
+loads it with ``AutoTokenizer.from_pretrained``, the same call that loads the model's.
+
+Slot labels go to the first subword of each word; other subwords and the special
+tokens get -100. Truncation is counted per example (``truncated_words``), never silent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, XLMRobertaTokenizer
+
+from . import synthetic
+from .artifacts import atomic_dir, read_json, write_json
+from .compose import LabelSpace, compose, singles
+from .config import FEATURE_FIELDS, TOKENIZER_FIELDS, Profile
+from .massive import load_massive
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, as XLMRobertaTokenizer expects
+IGNORE = -100
+SPLITS = ("train", "dev", "test", "test_single")
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def train_tokenizer(texts, vocab_size: int) -> XLMRobertaTokenizer:
+    """A Unigram tokenizer trained on ``texts``, wrapped with XLM-R's special tokens."""
+    unigram = Tokenizer(models.Unigram())
+    # The same pre-tokenization XLMRobertaTokenizer applies, so training sees the pieces it will see.
+    unigram.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                      unk_token="<unk>", show_progress=False)
+    unigram.train_from_iterator(texts, trainer=trainer)
+    vocab = [(piece, score) for piece, score in json.loads(unigram.to_str())["model"]["vocab"]]
+    return XLMRobertaTokenizer(vocab=vocab)
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+# ---------------------------------------------------------------- alignment
+
+def encode_words(tokenizer: PreTrainedTokenizerBase, words_batch, tags_batch, tag_to_id: dict,
+                 max_length: int) -> dict:
+    """Token ids, attention masks and first-subword slot labels for pre-split words.
+
+    Longer sequences are cut to ``max_length`` (keeping the closing special token); the
+    number of words that lost their first subword is returned as ``truncated_words``.
+    """
+    enc = tokenizer(list(words_batch), is_split_into_words=True, truncation=False)
+    out = {"input_ids": [], "attention_mask": [], "slot_labels": [], "n_subwords": [], "truncated_words": []}
+    for i, (words, tags) in enumerate(zip(words_batch, tags_batch)):
+        ids = enc["input_ids"][i]
+        word_ids = enc.word_ids(i)
+        labels, previous = [], None
+        for wid in word_ids:
+            labels.append(IGNORE if wid is None or wid == previous else tag_to_id[tags[wid]])
+            previous = wid
+        n_subwords = len(ids)
+        if n_subwords > max_length:
+            ids = ids[: max_length - 1] + ids[-1:]
+            labels = labels[: max_length - 1] + [IGNORE]
+        kept_words = sum(1 for x in labels if x != IGNORE)
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["slot_labels"].append(labels)
+        out["n_subwords"].append(n_subwords)
+        out["truncated_words"].append(len(words) - kept_words)
+    return out
+
+
+# ---------------------------------------------------------------- the study's dataset
+
+@dataclass
+class StudyData:
+    """Everything the notebooks need about the data, loaded from or saved to the cache."""
+
+    features: datasets.DatasetDict  # composed train/dev/test and the single-utterance test
+    labels: LabelSpace
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_path: Path
+    report: dict  # counts of records, composed examples and truncation
+
+    @property
+    def tag_names(self) -> tuple[str, ...]:
+        return self.labels.tags
+
+
+def _paths(profile: Profile) -> tuple[Path, Path]:
+    base = profile.artifacts_dir
+    return (base / "tokenizer" / profile.key(*TOKENIZER_FIELDS),
+            base / "features" / profile.key(*FEATURE_FIELDS))
+
+
+def load_records(profile: Profile, locales=None) -> datasets.Dataset:
+    if profile.synthetic_data:
+        synthetic.ensure_corpus(profile.massive_dir)
+    return load_massive(profile.massive_dir, tuple(locales or profile.locales),
+                        verify=profile.verify_checksums, max_per_locale=profile.max_utterances_per_locale)
+
+
+def _encode_split(ds: datasets.Dataset, tokenizer, labels: LabelSpace, max_length: int, desc: str):
+    tag_to_id = {t: i for i, t in enumerate(labels.tags)}
+    intent_to_id = {t: i for i, t in enumerate(labels.intents)}
+    scenario_to_id = {t: i for i, t in enumerate(labels.scenarios)}
+
+    def encode(batch):
+        out = encode_words(tokenizer, batch["words"], batch["tags"], tag_to_id, max_length)
+        out["intent_ids"] = [[intent_to_id[x] for x in xs] for xs in batch["intents"]]
+        out["scenario_ids"] = [[scenario_to_id[x] for x in xs] for xs in batch["scenarios"]]
+        return out
+
+    return ds.map(encode, batched=True, batch_size=1000, desc=desc)
+
+
+def build_study_data(profile: Profile, rebuild: bool = False) -> StudyData:
+    """Load MASSIVE, compose, train (or load) the tokenizer and tokenize every split.
+
+    The result is saved under ``artifacts/`` keyed by the profile fields that shape it;
+    a later call with the same fields loads it instead of building it again.
+    """
+    tok_dir, feat_dir = _paths(profile)
+    if feat_dir.exists() and tok_dir.exists() and not rebuild:
+        return load_study_data(profile)
+
+    records = load_records(profile)
+    labels = LabelSpace.from_records(records)
+    composed = compose(records, k_probs=profile.compose_k_probs,
+                       per_utterance=profile.composed_per_utterance, seed=profile.seed)
+    composed["test_single"] = singles(records, "test")
+
+    if profile.tokenizer_name:
+        tokenizer = load_tokenizer(profile.tokenizer_name)
+        with atomic_dir(tok_dir) as tmp:
+            tokenizer.save_pretrained(tmp)
+    elif not tok_dir.exists() or rebuild:
+        tokenizer = train_tokenizer(composed["train"]["utt"], profile.vocab_size)
+        with atomic_dir(tok_dir) as tmp:
+            tokenizer.save_pretrained(tmp)
+    tokenizer = load_tokenizer(tok_dir)
+
+    features = datasets.DatasetDict({
+        split: _encode_split(composed[split], tokenizer, labels, profile.max_length, f"tokenize {split}")
+        for split in SPLITS})
+    report = _report(records, features)
+    with atomic_dir(feat_dir) as tmp:
+        features.save_to_disk(str(tmp / "dataset"))
+        labels.save(tmp / "labels.json")
+        write_json(tmp / "report.json", report)
+    return load_study_data(profile)
+
+
+def load_study_data(profile: Profile) -> StudyData:
+    tok_dir, feat_dir = _paths(profile)
+    if not feat_dir.exists():
+        raise FileNotFoundError(f"no dataset for this profile at {feat_dir}; run notebooks/01_data.ipynb first")
+    return StudyData(
+        features=datasets.load_from_disk(str(feat_dir / "dataset")),
+        labels=LabelSpace.load(feat_dir / "labels.json"),
+        tokenizer=load_tokenizer(tok_dir),
+        tokenizer_path=tok_dir,
+        report=read_json(feat_dir / "report.json"),
+    )
+
+
+def _report(records: datasets.Dataset, features: datasets.DatasetDict) -> dict:
+    utterances = records.to_pandas().groupby(["locale", "partition"]).size()
+    rows = []
+    for split in ("train", "dev", "test"):
+        df = features[split].select_columns(["locale", "truncated_words"]).to_pandas()
+        for locale, group in df.groupby("locale"):
+            rows.append({
+                "locale": locale, "partition": split,
+                "utterances": int(utterances.get((locale, split), 0)),
+                "composed_examples": len(group),
+                "truncated_examples": int((group["truncated_words"] > 0).sum()),
+                "truncated_words": int(group["truncated_words"].sum()),
+            })
+    return {"counts": rows}
+
+
+# ---------------------------------------------------------------- batches
+
+class MultiTaskCollator:
+    """Pads token fields and turns intent and scenario ids into multi-hot targets."""
+
+    def __init__(self, pad_token_id: int, n_intents: int, n_scenarios: int):
+        self.pad_token_id, self.n_intents, self.n_scenarios = pad_token_id, n_intents, n_scenarios
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        n = len(examples)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        slot_labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        intent_labels = torch.zeros((n, self.n_intents))
+        domain_labels = torch.zeros((n, self.n_scenarios))
+        for i, e in enumerate(examples):
+            length = len(e["input_ids"])
+            input_ids[i, :length] = torch.tensor(e["input_ids"])
+            attention_mask[i, :length] = 1
+            slot_labels[i, :length] = torch.tensor(e["slot_labels"])
+            intent_labels[i, e["intent_ids"]] = 1.0
+            domain_labels[i, e["scenario_ids"]] = 1.0
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "slot_labels": slot_labels,
+                "intent_labels": intent_labels, "domain_labels": domain_labels}

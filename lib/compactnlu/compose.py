@@ -17,6 +17,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from .massive import PARTITIONS, rows_to_dataset
+
 # Hindi and Bengali end sentences with the danda; the Dravidian scripts use the full stop.
 SEPARATORS = {"hi-IN": "।", "bn-BD": "।", "ta-IN": ".", "te-IN": ".", "kn-IN": ".", "ml-IN": "."}
 DEFAULT_SEPARATOR = "."
@@ -55,11 +57,11 @@ class LabelSpace:
                    tuple(sorted(slot_types)))
 
     def save(self, path: Path | str) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1, ensure_ascii=False))
+        Path(path).write_text(json.dumps(asdict(self), indent=1, ensure_ascii=False), encoding="utf-8")
 
     @classmethod
     def load(cls, path: Path | str) -> "LabelSpace":
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
         return cls(**{k: tuple(v) for k, v in raw.items()})
 
 
@@ -97,12 +99,12 @@ def compose_group(records: list[dict], n_examples: int, k_probs, rng: np.random.
     Every record is used as an anchor once before any is used twice; partners come from
     scenarios not yet in the example, drawn uniformly by scenario, then by utterance.
     """
-    if not records:
-        return []
     k_values = np.arange(1, len(k_probs) + 1)
     probs = np.asarray(k_probs, dtype=float)
     if (probs < 0).any() or not np.isclose(probs.sum(), 1.0):
         raise ValueError(f"compose_k_probs must be non-negative and sum to 1, got {tuple(k_probs)}")
+    if not records or n_examples <= 0:
+        return []
     by_scenario: dict[str, list[int]] = {}
     for i, rec in enumerate(records):
         by_scenario.setdefault(rec["scenario"], []).append(i)
@@ -132,18 +134,18 @@ def compose(records: datasets.Dataset, *, k_probs=(0.3, 0.4, 0.3), per_utterance
     groups: dict[tuple[str, str], list[dict]] = {}
     for rec in records:
         groups.setdefault((rec["partition"], rec["locale"]), []).append(rec)
-    splits: dict[str, list[dict]] = {}
+    splits: dict[str, list[dict]] = {p: [] for p in PARTITIONS}
     for (partition, locale), recs in sorted(groups.items()):
         n_out = int(round(len(recs) * per_utterance))
         sep = SEPARATORS.get(locale, DEFAULT_SEPARATOR)
         splits.setdefault(partition, []).extend(
             compose_group(recs, n_out, k_probs, _rng(seed, locale, partition), sep))
     return datasets.DatasetDict(
-        {p: datasets.Dataset.from_list(rows, features=FEATURES) for p, rows in splits.items()})
+        {p: rows_to_dataset(rows, FEATURES) for p, rows in splits.items()})
 
 
 def singles(records: datasets.Dataset, partition: str = "test") -> datasets.Dataset:
     """The official single-utterance examples of one partition, in the composed schema."""
     rows = [_example(f"{r['locale']}/{partition}/single/{r['id']}", [r], DEFAULT_SEPARATOR)
             for r in records if r["partition"] == partition]
-    return datasets.Dataset.from_list(rows, features=FEATURES)
+    return rows_to_dataset(rows, FEATURES)

@@ -29,10 +29,10 @@ class Profile:
     name: str
     # data
     locales: tuple[str, ...] = LOCALES
-    massive_dir: str = field(default_factory=_default_massive_dir)
+    massive_dir: str = field(default_factory=_default_massive_dir)  # "" with synthetic_data: under artifacts
     verify_checksums: bool = True
-    synthetic_data: bool = False  # write compactnlu.synthetic's stand-in corpus into massive_dir
-    max_utterances_per_locale: int | None = None  # None keeps every record
+    synthetic_data: bool = False  # use compactnlu.synthetic's stand-in corpus instead of MASSIVE
+    max_utterances_per_partition: int | None = None  # per locale; None keeps every record
     compose_k_probs: tuple[float, ...] = (0.3, 0.4, 0.3)  # P(k parts), k = 1, 2, 3
     composed_per_utterance: float = 1.0  # composed examples per source utterance
     seed: int = 13
@@ -47,19 +47,36 @@ class Profile:
     num_heads: int = 4
     intermediate_size: int = 1024
     dropout: float = 0.1
+    pooling: str = "mean"  # utterance representation for ID and DC: "mean" of tokens or "cls" (pooler)
+    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # ID, DC, SF
     # training
     epochs: float = 3.0
     learning_rate: float = 5e-4
     batch_size: int = 32
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
+    train_seed: int = 42
+
+    @property
+    def data_dir(self) -> Path:
+        """Where MASSIVE (or the synthetic stand-in) is read from."""
+        if self.synthetic_data and not self.massive_dir:
+            return self.artifacts_dir / "synthetic-massive"
+        return Path(self.massive_dir)
 
     @property
     def figures_dir(self) -> Path:
-        """Committed figures come from the default profile; other profiles write beside their runs."""
-        if self.name == "default":
+        """The committed figures/ belongs to the default profile as it is; any other profile,
+        or the default with overrides, writes beside its runs so it never overwrites them."""
+        if self.name == "default" and self._matches_registered():
             return ROOT / "figures"
-        return ROOT / "runs" / self.name / "figures"
+        suffix = "" if self._matches_registered() else "-" + self.key(*_RESULT_FIELDS)
+        return ROOT / "runs" / f"{self.name}{suffix}" / "figures"
+
+    def _matches_registered(self) -> bool:
+        registered = PROFILES.get(self.name)
+        return registered is not None and all(
+            getattr(self, f) == getattr(registered, f) for f in _RESULT_FIELDS)
 
     @property
     def tables_dir(self) -> Path:
@@ -72,7 +89,7 @@ class Profile:
     def key(self, *names: str) -> str:
         """A short hash of the named fields, used to key cached artifacts."""
         values = {n: getattr(self, n) for n in sorted(names)}
-        if "massive_dir" in values:  # the data's identity is its content, not where it lies
+        if values.get("massive_dir"):  # the same folder however it is spelled
             values["massive_dir"] = str(Path(values["massive_dir"]).resolve())
         blob = json.dumps(values, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -82,17 +99,20 @@ class Profile:
 
 
 DATA_FIELDS = (
-    "locales", "massive_dir", "max_utterances_per_locale", "compose_k_probs",
+    "locales", "massive_dir", "max_utterances_per_partition", "compose_k_probs",
     "composed_per_utterance", "seed",
 )
 TOKENIZER_FIELDS = DATA_FIELDS + ("tokenizer_name", "vocab_size")
 FEATURE_FIELDS = TOKENIZER_FIELDS + ("max_length",)
 
+# Fields that change results; where the data is read from does not.
+_RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(Profile) if f.name not in ("name", "massive_dir"))
+
 PROFILES: dict[str, Profile] = {
     # A tiny synthetic corpus in MASSIVE's format (compactnlu.synthetic): every notebook runs in seconds.
     "smoke": Profile(
         name="smoke",
-        massive_dir=str(ROOT / "artifacts" / "synthetic-massive"),
+        massive_dir="",
         verify_checksums=False,
         synthetic_data=True,
         vocab_size=1500,
@@ -116,6 +136,7 @@ PROFILES: dict[str, Profile] = {
         num_layers=12,
         num_heads=12,
         intermediate_size=3072,
+        pooling="cls",
         epochs=5.0,
         learning_rate=2e-5,
         batch_size=32,
@@ -133,7 +154,7 @@ def load_profile(name: str = "default", overrides: dict | None = None) -> Profil
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
     if unknown:
         raise ValueError(f"unknown profile field(s): {', '.join(sorted(unknown))}")
-    for key in ("locales", "compose_k_probs"):
+    for key in ("locales", "compose_k_probs", "loss_weights"):
         if key in overrides:
             overrides[key] = tuple(overrides[key])
     return dataclasses.replace(profile, **overrides)

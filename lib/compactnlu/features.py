@@ -109,9 +109,9 @@ def _paths(profile: Profile) -> tuple[Path, Path]:
 
 def load_records(profile: Profile, locales=None) -> datasets.Dataset:
     if profile.synthetic_data:
-        synthetic.ensure_corpus(profile.massive_dir)
-    return load_massive(profile.massive_dir, tuple(locales or profile.locales),
-                        verify=profile.verify_checksums, max_per_locale=profile.max_utterances_per_locale)
+        synthetic.ensure_corpus(profile.data_dir)
+    return load_massive(profile.data_dir, tuple(locales or profile.locales),
+                        verify=profile.verify_checksums, max_per_partition=profile.max_utterances_per_partition)
 
 
 def _encode_split(ds: datasets.Dataset, tokenizer, labels: LabelSpace, max_length: int, desc: str):

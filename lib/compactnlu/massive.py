@@ -184,13 +184,16 @@ def download(url: str, dest: Path | str) -> Path:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
-            while block := response.read(1 << 20):
-                out.write(block)
-                bar.update(len(block))
-    os.replace(partial, dest)
+    try:
+        with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    bar.update(len(block))
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
     return dest
 
 
@@ -292,16 +295,30 @@ def _missing_message(root: Path, locales, paths) -> str:
 
 
 def load_massive(massive_dir: Path | str, locales, *, verify: bool = True, strict: bool = True,
-                 max_per_locale: int | None = None, allow_download: bool = True,
+                 max_per_partition: int | None = None, allow_download: bool = True,
                  dropped: list[DroppedLine] | None = None) -> datasets.Dataset:
     """Every record of ``locales`` as one :class:`datasets.Dataset` (columns in ``FEATURES``).
 
-    ``max_per_locale`` keeps the first N records of each locale, in file order.
+    ``max_per_partition`` keeps the first N records of each locale and partition, in file order.
     """
     paths = locate(massive_dir, tuple(locales), verify=verify, allow_download=allow_download)
     rows: list[dict] = []
     for loc in tqdm(locales, desc="parse MASSIVE", leave=False):
         records = read_locale_file(paths[loc], loc, strict=strict, dropped=dropped)
-        rows.extend(records[:max_per_locale] if max_per_locale else records)
-    return datasets.Dataset.from_list(rows, features=FEATURES)
+        if max_per_partition is not None:
+            seen: dict[str, int] = {}
+            for rec in records:
+                seen[rec["partition"]] = seen.get(rec["partition"], 0) + 1
+                if seen[rec["partition"]] <= max_per_partition:
+                    rows.append(rec)
+        else:
+            rows.extend(records)
+    return rows_to_dataset(rows, FEATURES)
+
+
+def rows_to_dataset(rows: list[dict], features: datasets.Features) -> datasets.Dataset:
+    """``Dataset.from_list`` that also accepts no rows (datasets 5 rejects an empty list)."""
+    if not rows:
+        return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+    return datasets.Dataset.from_list(rows, features=features)
 

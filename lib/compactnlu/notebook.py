@@ -21,7 +21,7 @@ def start(profile: str, overrides: dict | None = None) -> Profile:
     p = load_profile(profile, overrides)
     changed = {k: v for k, v in (overrides or {}).items()}
     print(f"profile: {p.name}" + (f" with overrides {changed}" if changed else ""))
-    print(f"MASSIVE: {p.massive_dir}" + (" (synthetic stand-in corpus)" if p.synthetic_data else ""))
+    print(f"MASSIVE: {p.data_dir}" + (" (synthetic stand-in corpus)" if p.synthetic_data else ""))
     print(f"figures and tables: {p.figures_dir}")
     print(f"cached artifacts: {p.artifacts_dir}")
     return p

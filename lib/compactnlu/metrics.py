@@ -1,0 +1,157 @@
+"""One evaluation for every model of the study: per-example predictions, then metrics from them.
+
+Decision rules, stated once: ID and DC predict every label whose sigmoid is at least
+``threshold`` (0.5), and the single most probable label when none is; SF takes the
+CRF's Viterbi path over the first subword of each word.
+
+Metrics on the composed test set, per locale and overall:
+``id_acc``/``dc_acc`` exact-set accuracy; ``id_f1``/``dc_f1`` macro-F1 over labels (and
+micro-F1); ``sf_acc`` word-level tag accuracy (the paper's slot accuracy: mostly ``O``
+tags, so it flatters); ``sf_f1`` seqeval span micro-F1 (the honest slot measure).
+On the official single-utterance MASSIVE test: intent accuracy (top-1), slot span F1
+and exact match (intent and every tag right).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from seqeval.metrics import f1_score as span_f1
+from sklearn.metrics import f1_score
+from tqdm.auto import tqdm
+
+from .compose import LabelSpace
+
+METRIC_COLUMNS = ["id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1"]
+
+
+def _decide(probs: np.ndarray, threshold: float) -> list[list[int]]:
+    chosen = probs >= threshold
+    chosen[np.arange(len(probs)), probs.argmax(1)] |= ~chosen.any(1)
+    return [np.flatnonzero(row).tolist() for row in chosen]
+
+
+@torch.no_grad()
+def predict(model, dataset, collator, labels: LabelSpace, batch_size: int = 128, threshold: float = 0.5,
+            desc: str = "predict") -> pd.DataFrame:
+    """One row per example: gold and predicted intents, domains and word tags, plus scores.
+
+    ``model`` is any module with the study's forward signature (float, quantized or
+    distilled). Batches are formed by length for speed; rows come back in dataset order.
+    ``df.attrs["eval_loss"]`` holds the mean loss where the model computes one.
+    """
+    model.eval()
+    lengths = np.asarray(dataset["n_subwords"])
+    order = np.argsort(lengths, kind="stable")
+    meta = dataset.select_columns(["uid", "locale", "n_parts", "intents", "scenarios", "tags"]).to_pandas()
+    tasks = getattr(model, "tasks", ("id", "dc", "sf"))
+    rows: dict[int, dict] = {}
+    losses, weights = [], []
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        idx = order[start:start + batch_size].tolist()
+        batch = collator([dataset[i] for i in idx])
+        out = model(**batch)
+        if "loss" in out:
+            losses.append(float(out["loss"]))
+            weights.append(len(idx))
+        word_mask = batch["slot_labels"] != -100
+        intent_probs = torch.sigmoid(out["intent_logits"]).numpy() if "id" in tasks else None
+        domain_probs = torch.sigmoid(out["domain_logits"]).numpy() if "dc" in tasks else None
+        paths = model.decode_slots(out["slot_logits"], word_mask) if "sf" in tasks else None
+        intent_sets = _decide(intent_probs, threshold) if intent_probs is not None else None
+        domain_sets = _decide(domain_probs, threshold) if domain_probs is not None else None
+        for j, i in enumerate(idx):
+            row = {}
+            if intent_sets is not None:
+                row["intents_pred"] = [labels.intents[k] for k in intent_sets[j]]
+                row["intent_top"] = labels.intents[int(intent_probs[j].argmax())]
+                row["intent_top_prob"] = float(intent_probs[j].max())
+            if domain_sets is not None:
+                row["scenarios_pred"] = [labels.scenarios[k] for k in domain_sets[j]]
+            if paths is not None:
+                predicted = [labels.tags[t] for t in paths[j]]
+                gold_len = len(meta.at[i, "tags"])
+                # words cut by truncation have no prediction: count them as O
+                row["tags_pred"] = predicted + ["O"] * (gold_len - len(predicted))
+            rows[i] = row
+    pred = pd.DataFrame([rows[i] for i in range(len(dataset))])
+    df = pd.concat([meta.rename(columns={"intents": "intents_gold", "scenarios": "scenarios_gold",
+                                         "tags": "tags_gold"}), pred], axis=1)
+    for column in ("intents_gold", "scenarios_gold", "tags_gold"):
+        df[column] = df[column].map(list)
+    df.attrs["eval_loss"] = float(np.average(losses, weights=weights)) if losses else float("nan")
+    return df
+
+
+def _multi_hot(sets, names) -> np.ndarray:
+    index = {n: i for i, n in enumerate(names)}
+    out = np.zeros((len(sets), len(names)), dtype=np.int8)
+    for r, labels in enumerate(sets):
+        out[r, [index[x] for x in labels]] = 1
+    return out
+
+
+def _set_metrics(gold, pred, names) -> tuple[float, float, float]:
+    y_true, y_pred = _multi_hot(gold, names), _multi_hot(pred, names)
+    exact = float((y_true == y_pred).all(1).mean())
+    macro = f1_score(y_true, y_pred, average="macro", zero_division=0)
+    micro = f1_score(y_true, y_pred, average="micro", zero_division=0)
+    return exact, float(macro), float(micro)
+
+
+def task_metrics(df: pd.DataFrame, labels: LabelSpace) -> dict[str, float]:
+    """The study's six metrics (plus micro-F1s) on one set of predictions; NaN for a missing task."""
+    m = {c: float("nan") for c in METRIC_COLUMNS + ["id_f1_micro", "dc_f1_micro"]}
+    if "intents_pred" in df:
+        m["id_acc"], m["id_f1"], m["id_f1_micro"] = _set_metrics(df.intents_gold, df.intents_pred, labels.intents)
+    if "scenarios_pred" in df:
+        m["dc_acc"], m["dc_f1"], m["dc_f1_micro"] = _set_metrics(df.scenarios_gold, df.scenarios_pred,
+                                                                 labels.scenarios)
+    if "tags_pred" in df:
+        gold, pred = list(df.tags_gold), list(df.tags_pred)
+        flat_gold, flat_pred = np.concatenate(gold), np.concatenate(pred)
+        m["sf_acc"] = float((flat_gold == flat_pred).mean())
+        m["sf_f1"] = float(span_f1(gold, pred))
+    return m
+
+
+def by_locale(df: pd.DataFrame, labels: LabelSpace, metric_fn=None) -> pd.DataFrame:
+    """Metrics per locale, then a row ``all`` over every example."""
+    metric_fn = metric_fn or (lambda part: task_metrics(part, labels))
+    rows = [{"locale": loc, **metric_fn(part)} for loc, part in df.groupby("locale", sort=True)]
+    rows.append({"locale": "all", **metric_fn(df)})
+    return pd.DataFrame(rows)
+
+
+def massive_metrics(df: pd.DataFrame) -> dict[str, float]:
+    """MASSIVE's standard measures on single utterances: intent accuracy, slot span F1, exact match."""
+    gold_intent = df.intents_gold.map(lambda x: x[0])
+    intent_ok = (df.intent_top == gold_intent).to_numpy() if "intent_top" in df else None
+    out = {"intent_acc": float(intent_ok.mean()) if intent_ok is not None else float("nan")}
+    if "tags_pred" in df:
+        out["slot_span_f1"] = float(span_f1(list(df.tags_gold), list(df.tags_pred)))
+        tags_ok = np.array([g == p for g, p in zip(df.tags_gold, df.tags_pred)])
+        out["exact_match"] = float((intent_ok & tags_ok).mean()) if intent_ok is not None else float("nan")
+    else:
+        out["slot_span_f1"] = out["exact_match"] = float("nan")
+    return out
+
+
+def save_predictions(df: pd.DataFrame, path: Path | str) -> Path:
+    """Parquet (no pickle); ``eval_loss`` travels in the file's metadata via a column-free attrs copy."""
+    from .artifacts import _atomic_write
+
+    path = Path(path)
+    _atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+    return path
+
+
+def load_predictions(path: Path | str) -> pd.DataFrame:
+    df = pd.read_parquet(path)
+    for column in df.columns:
+        if column.endswith(("_gold", "_pred")):
+            df[column] = df[column].map(list)
+    return df

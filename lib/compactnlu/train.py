@@ -1,0 +1,164 @@
+"""Training through the transformers ``Trainer``, cached by the parameters that shape a model.
+
+``train_model`` returns the finished model from ``artifacts/models/<name>-<key>/`` when
+it exists; otherwise it trains (resuming from the last checkpoint in
+``artifacts/checkpoints/`` after an interruption), keeps the checkpoint with the best
+dev loss, and saves that one. The same code runs under ``torchrun`` or
+``accelerate launch`` on several processes (CPU with gloo, or GPUs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .artifacts import atomic_dir, read_json, write_json
+from .config import FEATURE_FIELDS, Profile
+from .features import MultiTaskCollator, StudyData
+from .model import TASKS, MultiTaskNLU, NLUConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_FIELDS = ("model_name", "hidden_size", "num_layers", "num_heads", "intermediate_size", "dropout", "pooling")
+TRAIN_FIELDS = ("epochs", "learning_rate", "batch_size", "warmup_ratio", "weight_decay", "train_seed")
+
+
+def nlu_config(profile: Profile, data: StudyData, tasks=TASKS, loss_weights: dict | None = None) -> NLUConfig:
+    encoder = {
+        "vocab_size": len(data.tokenizer), "hidden_size": profile.hidden_size,
+        "num_hidden_layers": profile.num_layers, "num_attention_heads": profile.num_heads,
+        "intermediate_size": profile.intermediate_size, "hidden_dropout_prob": profile.dropout,
+        "attention_probs_dropout_prob": profile.dropout,
+        # XLM-R counts positions from pad_token_id + 1
+        "max_position_embeddings": profile.max_length + data.tokenizer.pad_token_id + 1,
+        "pad_token_id": data.tokenizer.pad_token_id, "bos_token_id": data.tokenizer.bos_token_id,
+        "eos_token_id": data.tokenizer.eos_token_id, "type_vocab_size": 1,
+    }
+    return NLUConfig(
+        n_intents=len(data.labels.intents), n_domains=len(data.labels.scenarios), tags=data.labels.tags,
+        tasks=tuple(tasks), loss_weights=dict(loss_weights or zip(TASKS, profile.loss_weights)), pooling=profile.pooling,
+        encoder=encoder, pretrained=profile.model_name)
+
+
+def collator_for(data: StudyData) -> MultiTaskCollator:
+    return MultiTaskCollator(data.tokenizer.pad_token_id, len(data.labels.intents), len(data.labels.scenarios))
+
+
+def model_dir(profile: Profile, name: str, config: NLUConfig) -> Path:
+    key = profile.key(*FEATURE_FIELDS, *MODEL_FIELDS, *TRAIN_FIELDS)
+    extra = json.dumps({"tasks": config.tasks, "loss_weights": config.loss_weights}, sort_keys=True)
+    key = hashlib.sha256((key + extra).encode()).hexdigest()[:12]
+    return profile.artifacts_dir / "models" / f"{name}-{key}"
+
+
+@dataclass
+class TrainedModel:
+    model: MultiTaskNLU
+    path: Path
+    history: list[dict]  # the Trainer's log: training loss per logging step, eval loss per epoch
+    train_seconds: float
+
+
+def training_arguments(profile: Profile, output_dir: Path, **overrides) -> TrainingArguments:
+    args = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=profile.epochs,
+        learning_rate=profile.learning_rate,
+        per_device_train_batch_size=profile.batch_size,
+        per_device_eval_batch_size=128,
+        warmup_steps=profile.warmup_ratio,
+        weight_decay=profile.weight_decay,
+        lr_scheduler_type="linear",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="steps",
+        logging_steps=50,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        save_total_limit=2,
+        prediction_loss_only=True,
+        remove_unused_columns=False,  # the collator picks its columns; metadata stays for evaluation
+        train_sampling_strategy="group_by_length",
+        length_column_name="n_subwords",
+        seed=profile.train_seed,
+        data_seed=profile.train_seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        ddp_backend="gloo" if not torch.cuda.is_available() else None,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    args.update(overrides)
+    return TrainingArguments(**args)
+
+
+def train_model(profile: Profile, data: StudyData, name: str, tasks=TASKS, loss_weights: dict | None = None,
+                retrain: bool = False, **argument_overrides) -> TrainedModel:
+    """Train (or load) one multitask model on the composed training split."""
+    config = nlu_config(profile, data, tasks, loss_weights)
+    final = model_dir(profile, name, config)
+    if final.exists() and not retrain:
+        info = read_json(final / "training.json")
+        return TrainedModel(MultiTaskNLU.load(final), final, info["history"], info["train_seconds"])
+
+    checkpoints = profile.artifacts_dir / "checkpoints" / final.name
+    set_seed(profile.train_seed)
+    model = MultiTaskNLU(config)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(profile, checkpoints, **argument_overrides),
+        train_dataset=data.features["train"],
+        eval_dataset=data.features["dev"],
+        data_collator=collator_for(data),
+    )
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() and not retrain else None
+    if resume:
+        log.info("resuming %s from %s", name, resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    history = trainer.state.log_history
+    seconds = float(result.metrics.get("train_runtime", 0.0))
+    if trainer.is_world_process_zero():
+        with atomic_dir(final) as tmp:
+            model.save(tmp)
+            write_json(tmp / "training.json", {"history": history, "train_seconds": seconds,
+                                               "best_checkpoint": trainer.state.best_model_checkpoint,
+                                               "world_size": trainer.args.world_size})
+    model.eval()
+    return TrainedModel(model, final, history, seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train one model from the command line, e.g. under torchrun:
+
+    torchrun --nproc_per_node 2 -m compactnlu.train --profile smoke --name baseline
+    """
+    import argparse
+
+    from .config import load_profile
+    from .features import load_study_data
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--name", default="baseline")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON")
+    args = parser.parse_args(argv)
+    overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
+    profile = load_profile(args.profile, overrides)
+    data = load_study_data(profile)  # built once beforehand (notebook 01), never by several processes at once
+    trained = train_model(profile, data, args.name, tasks=args.tasks)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"saved {trained.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

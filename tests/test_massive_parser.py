@@ -1,0 +1,228 @@
+"""Parsing MASSIVE's annot_utt and locale files; finding locale files on disk."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from compactnlu.massive import (
+    AnnotationError, DroppedLine, MassiveFormatError, load_massive, locate, parse_annotation,
+    read_locale_file,
+)
+
+from conftest import good_lines, record, write_jsonl
+
+
+# ---------------------------------------------------------------- parse_annotation, good inputs
+
+def test_no_slots_gives_all_o():
+    words, tags = parse_annotation("what is the weather")
+    assert words == ["what", "is", "the", "weather"]
+    assert tags == ["O", "O", "O", "O"]
+
+
+def test_multi_word_slot_gives_b_then_i_tags():
+    words, tags = parse_annotation("wake me at [time : five thirty am]")
+    assert words == ["wake", "me", "at", "five", "thirty", "am"]
+    assert tags == ["O", "O", "O", "B-time", "I-time", "I-time"]
+
+
+def test_single_word_slot_gives_only_b_tag():
+    words, tags = parse_annotation("play [artist_name : adele]")
+    assert words == ["play", "adele"]
+    assert tags == ["O", "B-artist_name"]
+
+
+def test_two_slots():
+    words, tags = parse_annotation("set alarm for [date : tomorrow] at [time : six am] please")
+    assert words == ["set", "alarm", "for", "tomorrow", "at", "six", "am", "please"]
+    assert tags == ["O", "O", "O", "B-date", "O", "B-time", "I-time", "O"]
+
+
+def test_adjacent_slots_each_start_with_b():
+    words, tags = parse_annotation("[date : today] [time : noon]")
+    assert words == ["today", "noon"]
+    assert tags == ["B-date", "B-time"]
+
+
+def test_slots_at_start_and_end():
+    words, tags = parse_annotation("[date : next monday] wake me at [time : seven]")
+    assert words == ["next", "monday", "wake", "me", "at", "seven"]
+    assert tags == ["B-date", "I-date", "O", "O", "O", "B-time"]
+
+
+def test_slot_words_may_contain_colons_and_script():
+    words, tags = parse_annotation("मुझे [time : 5:00 बजे] उठाओ")
+    assert words == ["मुझे", "5:00", "बजे", "उठाओ"]
+    assert tags == ["O", "B-time", "I-time", "O"]
+
+
+@pytest.mark.parametrize("annot, message", [
+    ("wake me [time : five am", "never closed"),
+    ("wake me five am]", "unbalanced ']'"),
+    ("wake [time : [date : five] am]", "nested"),
+    ("wake me [ : five]", "without a label"),
+    ("wake me [time : ]", "no words"),
+    ("wake me [time five am]", "expected ' : '"),
+    ("wake me [time : five] am]", "unbalanced ']'"),
+    ("wake me [time : fi]ve]", "stray bracket"),
+])
+def test_parse_annotation_rejects_malformed(annot, message):
+    with pytest.raises(AnnotationError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_annotation(annot)
+
+
+# ---------------------------------------------------------------- read_locale_file, strict
+
+BAD_THIRD_LINES = {
+    "broken_json": ('{"id": "3", "locale": "hi-IN", "partition": ', "broken JSON"),
+    "not_an_object": ('["a", "list"]', "one JSON object"),
+    "unbalanced_open": (record(id="3", utt="wake me five am", annot_utt="wake me [time : five am"),
+                        "never closed"),
+    "unbalanced_close": (record(id="3", utt="wake me five am", annot_utt="wake me five am]"),
+                         "unbalanced ']'"),
+    "nested": (record(id="3", utt="wake me five am", annot_utt="wake me [time : [date : five] am]"),
+               "nested"),
+    "slot_without_label": (record(id="3", utt="wake me five", annot_utt="wake me [ : five]"),
+                           "without a label"),
+    "slot_without_words": (record(id="3", utt="wake me", annot_utt="wake me [time : ]"), "no words"),
+    "missing_colon": (record(id="3", utt="wake me five am", annot_utt="wake me [time five am]"),
+                      "expected ' : '"),
+    "annotation_utt_disagree": (record(id="3", utt="wake me at five am please",
+                                       annot_utt="wake me at [time : five am]"), "disagree"),
+    "other_locale": (record(id="3", locale="bn-BD"), "'bn-BD' in the file of 'hi-IN'"),
+    "missing_field": ({k: v for k, v in record(id="3").items() if k != "intent"}, "lacks field(s) intent"),
+    "unknown_partition": (record(id="3", partition="validation"), "unknown partition 'validation'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_THIRD_LINES))
+def test_bad_line_raises_with_file_and_line(tmp_path, case):
+    bad, reason = BAD_THIRD_LINES[case]
+    path = write_jsonl(tmp_path / "hi-IN.jsonl", good_lines("hi-IN", 2) + [bad, record(id="4")])
+    with pytest.raises(MassiveFormatError) as info:
+        read_locale_file(path)
+    err = info.value
+    assert err.path == path
+    assert err.line == 3
+    assert reason in err.reason
+    assert str(err).startswith(f"{path}:3: ")
+    assert isinstance(err, ValueError)
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    path = write_jsonl(tmp_path / "hi-IN.jsonl",
+                       [record(id="1"), "", record(id="3", partition="nope")])
+    with pytest.raises(MassiveFormatError) as info:
+        read_locale_file(path)
+    assert info.value.line == 3
+
+
+def test_locale_defaults_to_file_stem_and_can_be_given(tmp_path):
+    path = write_jsonl(tmp_path / "some-name.jsonl", [record(id="1", locale="ta-IN")])
+    with pytest.raises(MassiveFormatError, match="in the file of 'some-name'"):
+        read_locale_file(path)
+    assert [r["locale"] for r in read_locale_file(path, locale="ta-IN")] == ["ta-IN"]
+
+
+def test_good_file_parses_every_field(tmp_path):
+    path = write_jsonl(tmp_path / "hi-IN.jsonl", [
+        record(id=7, partition="dev", scenario="alarm", intent="alarm_set"),
+        record(id="8", partition="test", utt="hello", annot_utt="hello", scenario="general",
+               intent="greet", extra_field="ignored"),
+    ])
+    rows = read_locale_file(path)
+    assert rows == [
+        {"id": "7", "locale": "hi-IN", "partition": "dev", "scenario": "alarm", "intent": "alarm_set",
+         "utt": "wake me at five am", "words": ["wake", "me", "at", "five", "am"],
+         "tags": ["O", "O", "O", "B-time", "I-time"]},
+        {"id": "8", "locale": "hi-IN", "partition": "test", "scenario": "general", "intent": "greet",
+         "utt": "hello", "words": ["hello"], "tags": ["O"]},
+    ]
+
+
+# ---------------------------------------------------------------- read_locale_file, lenient
+
+def test_lenient_mode_keeps_good_records_and_reports_dropped_lines(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "hi-IN.jsonl", [
+        record(id="1"),
+        record(id="2", annot_utt="wake me at [time : five am"),     # line 2: never closed
+        record(id="3"),
+        "{not json",                                               # line 4
+        record(id="5", partition="validation"),                    # line 5
+        record(id="6"),
+    ])
+    dropped: list[DroppedLine] = []
+    with caplog.at_level(logging.WARNING, logger="compactnlu.massive"):
+        rows = read_locale_file(path, strict=False, dropped=dropped)
+
+    assert [r["id"] for r in rows] == ["1", "3", "6"]
+    assert [d.line for d in dropped] == [2, 4, 5]
+    assert all(d.path == path for d in dropped)
+    assert "never closed" in dropped[0].reason
+    assert "broken JSON" in dropped[1].reason
+    assert "unknown partition 'validation'" in dropped[2].reason
+
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "compactnlu.massive"]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert str(path) in message and "dropped 3 bad line(s)" in message and "2, 4, 5" in message
+
+
+def test_lenient_mode_on_a_clean_file_warns_nothing(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "hi-IN.jsonl", good_lines("hi-IN", 3))
+    dropped: list[DroppedLine] = []
+    with caplog.at_level(logging.WARNING, logger="compactnlu.massive"):
+        rows = read_locale_file(path, strict=False, dropped=dropped)
+    assert len(rows) == 3
+    assert dropped == []
+    assert not [r for r in caplog.records if r.name == "compactnlu.massive"]
+
+
+def test_load_massive_passes_lenient_mode_through(tmp_path):
+    write_jsonl(tmp_path / "data" / "hi-IN.jsonl", [record(id="1"), "{broken", record(id="3")])
+    dropped: list[DroppedLine] = []
+    ds = load_massive(tmp_path, ["hi-IN"], verify=False, allow_download=False, strict=False,
+                      dropped=dropped)
+    assert ds["id"] == ["1", "3"]
+    assert [(d.path.name, d.line) for d in dropped] == [("hi-IN.jsonl", 2)]
+    with pytest.raises(MassiveFormatError):
+        load_massive(tmp_path, ["hi-IN"], verify=False, allow_download=False)
+
+
+# ---------------------------------------------------------------- locating locale files
+
+def test_unknown_locale_lists_available_ones(tmp_path):
+    write_jsonl(tmp_path / "data" / "hi-IN.jsonl", good_lines("hi-IN"))
+    with pytest.raises(FileNotFoundError) as info:
+        load_massive(tmp_path, ["xx-XX"], allow_download=False, verify=False)
+    assert "xx-XX" in str(info.value)
+    assert "available: hi-IN" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="available: hi-IN"):
+        locate(tmp_path, ["hi-IN", "xx-XX"], allow_download=False, verify=False)
+
+
+@pytest.mark.parametrize("layout", ["1.1/data", "data"])
+def test_both_folder_layouts_work(tmp_path, layout):
+    hi = write_jsonl(tmp_path / layout / "hi-IN.jsonl", good_lines("hi-IN", 2))
+    ta = write_jsonl(tmp_path / layout / "ta-IN.jsonl", good_lines("ta-IN", 3))
+    assert locate(tmp_path, ["hi-IN", "ta-IN"], allow_download=False, verify=False) == {"hi-IN": hi, "ta-IN": ta}
+    ds = load_massive(tmp_path, ["hi-IN", "ta-IN"], allow_download=False, verify=False)
+    assert ds["locale"] == ["hi-IN"] * 2 + ["ta-IN"] * 3
+    assert ds[0]["tags"] == ["O", "O", "O", "B-time", "I-time"]
+
+
+def test_max_per_partition_keeps_the_first_records_of_each_locale(tmp_path):
+    write_jsonl(tmp_path / "data" / "hi-IN.jsonl", good_lines("hi-IN", 4))
+    write_jsonl(tmp_path / "data" / "ta-IN.jsonl", good_lines("ta-IN", 4))
+    ds = load_massive(tmp_path, ["hi-IN", "ta-IN"], allow_download=False, verify=False, max_per_partition=2)
+    assert list(zip(ds["locale"], ds["id"])) == [("hi-IN", "1"), ("hi-IN", "2"), ("ta-IN", "1"), ("ta-IN", "2")]
+
+
+def test_lenient_load_of_a_file_with_only_bad_lines_is_empty(tmp_path):
+    write_jsonl(tmp_path / "data" / "hi-IN.jsonl", ["{broken", record(id="2", partition="nope")])
+    dropped: list[DroppedLine] = []
+    ds = load_massive(tmp_path, ["hi-IN"], verify=False, allow_download=False, strict=False, dropped=dropped)
+    assert len(dropped) == 2
+    assert len(ds) == 0

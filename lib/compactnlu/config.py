@@ -49,6 +49,10 @@ class Profile:
     dropout: float = 0.1
     pooling: str = "mean"  # utterance representation for ID and DC: "mean" of tokens or "cls" (pooler)
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # ID, DC, SF
+    # masked-LM pre-training of a from-scratch encoder on the training text (0 epochs: none)
+    mlm_epochs: float = 0.0
+    mlm_learning_rate: float = 1e-3
+    mlm_batch_size: int = 64
     # training
     epochs: float = 3.0
     learning_rate: float = 5e-4
@@ -56,6 +60,9 @@ class Profile:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     train_seed: int = 42
+    # distillation of the student (notebook 04)
+    kd_epochs: float = 3.0
+    kd_learning_rate: float = 2e-3
 
     @property
     def data_dir(self) -> Path:
@@ -70,8 +77,13 @@ class Profile:
         or the default with overrides, writes beside its runs so it never overwrites them."""
         if self.name == "default" and self._matches_registered():
             return ROOT / "figures"
-        suffix = "" if self._matches_registered() else "-" + self.key(*_RESULT_FIELDS)
+        suffix = "" if self._matches_registered() else "-" + self.result_key
         return ROOT / "runs" / f"{self.name}{suffix}" / "figures"
+
+    @property
+    def result_key(self) -> str:
+        """Hash of every field that can change a result (not where the data is read from)."""
+        return self.key(*_RESULT_FIELDS)
 
     def _matches_registered(self) -> bool:
         registered = PROFILES.get(self.name)
@@ -120,9 +132,12 @@ PROFILES: dict[str, Profile] = {
         num_layers=1,
         num_heads=2,
         intermediate_size=64,
-        epochs=1.0,
+        mlm_epochs=2.0,
+        epochs=8.0,
+        kd_epochs=8.0,
+        kd_learning_rate=3e-3,
         batch_size=16,
-        learning_rate=1e-3,
+        learning_rate=3e-3,
     ),
     # All of MASSIVE for the six locales, an encoder trained from scratch on a 2-core CPU.
     "default": Profile(name="default"),
@@ -139,6 +154,8 @@ PROFILES: dict[str, Profile] = {
         pooling="cls",
         epochs=5.0,
         learning_rate=2e-5,
+        kd_epochs=2.0,
+        kd_learning_rate=3e-5,
         batch_size=32,
         warmup_ratio=0.1,
     ),

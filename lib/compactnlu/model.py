@@ -30,7 +30,7 @@ class NLUConfig:
     tags: tuple[str, ...]
     tasks: tuple[str, ...] = TASKS
     loss_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
-    pooling: str = "mean"  # "mean" over tokens or "cls" (XLM-R's pooler on <s>)
+    pooling: str = "mean"  # "mean" or "max" over tokens, or "cls" (XLM-R's pooler on <s>)
     encoder: dict = field(default_factory=dict)  # XLMRobertaConfig fields
     pretrained: str | None = None  # load the encoder with from_pretrained (name or path)
 
@@ -92,13 +92,16 @@ class BIOCRF(nn.Module):
         moved = trans[tags[:, :-1], tags[:, 1:]]
         last = tags.gather(1, (mask.sum(1) - 1).unsqueeze(1)).squeeze(1)
         gold = start[tags[:, 0]] + (emitted * on).sum(1) + (moved * on[:, 1:]).sum(1) + self.end_transitions[last]
-        # Log-partition by the forward algorithm; each step is a matrix product in exp space
-        # (scaled by the row maximum), far cheaper than a [B, T, T] logsumexp.
-        exp_trans = trans.exp()
+        # Log-partition by the forward algorithm; each step is a matrix product in exp space,
+        # far cheaper than a [B, T, T] logsumexp. Shifting alpha by its row maximum and the
+        # transitions by their column maximum keeps every exponent at most 0.
+        column_top = trans.max(dim=0, keepdim=True).values
+        exp_trans = (trans - column_top).exp()
+        tiny = torch.finfo(emissions.dtype).tiny
         alpha = start + emissions[:, 0]
         for t in range(1, tags.shape[1]):
             top = alpha.max(dim=1, keepdim=True).values
-            nxt = torch.log((alpha - top).exp() @ exp_trans + 1e-30) + top + emissions[:, t]
+            nxt = torch.log(((alpha - top).exp() @ exp_trans).clamp_min(tiny)) + top + column_top + emissions[:, t]
             alpha = torch.where(mask[:, t].unsqueeze(1), nxt, alpha)
         return torch.logsumexp(alpha + self.end_transitions, dim=1) - gold
 
@@ -165,6 +168,8 @@ class MultiTaskNLU(nn.Module):
         if self.config.pooling == "cls":
             return pooler_output
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        if self.config.pooling == "max":
+            return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(1).values
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def forward(self, input_ids, attention_mask, word_mask=None, intent_labels=None, domain_labels=None,
@@ -172,7 +177,7 @@ class MultiTaskNLU(nn.Module):
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state
         pooled = self.dropout(self.pooled(hidden, attention_mask, out.pooler_output))
-        result = {"hidden": hidden}
+        result = {"hidden": hidden, "pooled": pooled}
         losses = {}
         weights = self.config.loss_weights
         if "id" in self.tasks:

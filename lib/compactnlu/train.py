@@ -24,37 +24,37 @@ from .artifacts import atomic_dir, read_json, write_json
 from .config import FEATURE_FIELDS, Profile
 from .features import MultiTaskCollator, StudyData
 from .model import TASKS, MultiTaskNLU, NLUConfig
+from .pretrain import MLM_FIELDS, encoder_config, pretrain_encoder, pretrained_encoder_dir
 
 log = logging.getLogger(__name__)
 
+# The paper's three task-pair teachers (its Table 1), named by the tasks they learn.
+TEACHERS = {"teacher_idsf": ("id", "sf"), "teacher_iddc": ("id", "dc"), "teacher_dcsf": ("dc", "sf")}
 MODEL_FIELDS = ("model_name", "hidden_size", "num_layers", "num_heads", "intermediate_size", "dropout", "pooling")
 TRAIN_FIELDS = ("epochs", "learning_rate", "batch_size", "warmup_ratio", "weight_decay", "train_seed")
 
 
+def uses_mlm(profile: Profile) -> bool:
+    return profile.mlm_epochs > 0 and not profile.model_name
+
+
 def nlu_config(profile: Profile, data: StudyData, tasks=TASKS, loss_weights: dict | None = None) -> NLUConfig:
-    encoder = {
-        "vocab_size": len(data.tokenizer), "hidden_size": profile.hidden_size,
-        "num_hidden_layers": profile.num_layers, "num_attention_heads": profile.num_heads,
-        "intermediate_size": profile.intermediate_size, "hidden_dropout_prob": profile.dropout,
-        "attention_probs_dropout_prob": profile.dropout,
-        # XLM-R counts positions from pad_token_id + 1
-        "max_position_embeddings": profile.max_length + data.tokenizer.pad_token_id + 1,
-        "pad_token_id": data.tokenizer.pad_token_id, "bos_token_id": data.tokenizer.bos_token_id,
-        "eos_token_id": data.tokenizer.eos_token_id, "type_vocab_size": 1,
-    }
+    """The model's config; its encoder comes from ``model_name``, the MLM phase, or nothing."""
+    pretrained = profile.model_name or (str(pretrained_encoder_dir(profile)) if uses_mlm(profile) else None)
     return NLUConfig(
         n_intents=len(data.labels.intents), n_domains=len(data.labels.scenarios), tags=data.labels.tags,
-        tasks=tuple(tasks), loss_weights=dict(loss_weights or zip(TASKS, profile.loss_weights)), pooling=profile.pooling,
-        encoder=encoder, pretrained=profile.model_name)
+        tasks=tuple(tasks), loss_weights=dict(loss_weights or zip(TASKS, profile.loss_weights)),
+        pooling=profile.pooling, encoder=encoder_config(profile, data).to_diff_dict(), pretrained=pretrained)
 
 
 def collator_for(data: StudyData) -> MultiTaskCollator:
     return MultiTaskCollator(data.tokenizer.pad_token_id, len(data.labels.intents), len(data.labels.scenarios))
 
 
-def model_dir(profile: Profile, name: str, config: NLUConfig) -> Path:
-    key = profile.key(*FEATURE_FIELDS, *MODEL_FIELDS, *TRAIN_FIELDS)
-    extra = json.dumps({"tasks": config.tasks, "loss_weights": config.loss_weights}, sort_keys=True)
+def model_dir(profile: Profile, name: str, config: NLUConfig, argument_overrides: dict | None = None) -> Path:
+    key = profile.key(*FEATURE_FIELDS, *MODEL_FIELDS, *TRAIN_FIELDS, *(MLM_FIELDS if uses_mlm(profile) else ()))
+    extra = json.dumps({"tasks": config.tasks, "loss_weights": config.loss_weights,
+                        "trainer": argument_overrides or {}}, sort_keys=True, default=str)
     key = hashlib.sha256((key + extra).encode()).hexdigest()[:12]
     return profile.artifacts_dir / "models" / f"{name}-{key}"
 
@@ -65,6 +65,16 @@ class TrainedModel:
     path: Path
     history: list[dict]  # the Trainer's log: training loss per logging step, eval loss per epoch
     train_seconds: float
+
+
+def _result_overrides(overrides: dict) -> dict:
+    """Trainer arguments that change the model (not logging or progress display)."""
+    cosmetic = {"disable_tqdm", "logging_steps", "logging_strategy", "report_to"}
+    return {k: v for k, v in overrides.items() if k not in cosmetic}
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def training_arguments(profile: Profile, output_dir: Path, **overrides) -> TrainingArguments:
@@ -93,7 +103,8 @@ def training_arguments(profile: Profile, output_dir: Path, **overrides) -> Train
         data_seed=profile.train_seed,
         report_to="none",
         dataloader_num_workers=0,
-        ddp_backend="gloo" if not torch.cuda.is_available() else None,
+        # several CPU processes (torchrun) talk over gloo; GPUs keep the default nccl
+        ddp_backend="gloo" if _distributed() and not torch.cuda.is_available() else None,
         use_cpu=not torch.cuda.is_available(),
     )
     args.update(overrides)
@@ -104,12 +115,14 @@ def train_model(profile: Profile, data: StudyData, name: str, tasks=TASKS, loss_
                 retrain: bool = False, **argument_overrides) -> TrainedModel:
     """Train (or load) one multitask model on the composed training split."""
     config = nlu_config(profile, data, tasks, loss_weights)
-    final = model_dir(profile, name, config)
+    final = model_dir(profile, name, config, _result_overrides(argument_overrides))
     if final.exists() and not retrain:
         info = read_json(final / "training.json")
         return TrainedModel(MultiTaskNLU.load(final), final, info["history"], info["train_seconds"])
 
     checkpoints = profile.artifacts_dir / "checkpoints" / final.name
+    if uses_mlm(profile):
+        pretrain_encoder(profile, data)  # cached: run once, shared by every model of the profile
     set_seed(profile.train_seed)
     model = MultiTaskNLU(config)
     trainer = Trainer(

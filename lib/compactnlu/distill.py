@@ -1,0 +1,397 @@
+"""Multi-teacher distillation: teacher cache, attention fusion, adaptive temperature, losses.
+
+The student learns from the three task-pair teachers with
+
+    L = α(CE_ID + KD_ID) + β(CE_DC + KD_DC) + γ(CE_SF + KD_SF + MSE_SF + CRD_SF)
+
+* **Offline teachers.** Each teacher runs once over a split; its ID/DC logits, its SF
+  emissions and its hidden states at the first subword of every word are cached (float16,
+  safetensors, keyed by teacher and data) and reused.
+* **Fusion.** Each task is known by two teachers. Their outputs are combined with weights
+  ``softmax_j(v · tanh(W_s h + W_t o_j))`` computed per example (per word for SF) from the
+  student's representation ``h`` and each teacher's output ``o_j``, trained with the
+  student; ``fusion="mean"`` averages the two instead. The fusion is trained to make the
+  *fused teacher* right (its own BCE/CE against the gold labels), and the distillation
+  terms see its weights as constants: trained on the KD loss itself, the attention would
+  learn to point at whichever teacher the student finds easiest to copy.
+* **Adaptive temperature.** ``T_i = T · (0.5 + c_i)`` where ``c_i ∈ [0, 1]`` is the fused
+  teacher's confidence on example (or word) ``i``: ``mean |2σ(z) − 1|`` over labels for the
+  multi-label tasks, the top tag probability for SF. Confident targets are softened more
+  (their non-argmax mass is what carries the teacher's knowledge), unsure ones less.
+  T = 4 for ID and DC (utterance level), 8 for SF (token level), as in the paper.
+* **KD for ID and DC is multi-label**: binary cross-entropy of the student's softened
+  sigmoids against the fused teacher's softened sigmoids, scaled by T²; KD for SF is the
+  KL divergence between softened tag distributions, scaled by T².
+* **MSE_SF** pulls the student's word representations (through a learned projection to
+  the teachers' width) to the fused teacher representation; **CRD_SF** is InfoNCE: each
+  student word should pick its own fused teacher representation out of all words in the
+  batch (cosine similarity / τ).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .artifacts import atomic_dir
+from .features import IGNORE
+from .model import MultiTaskNLU
+
+# Which teachers know each task.
+TASK_TEACHERS = {"id": ("teacher_idsf", "teacher_iddc"), "dc": ("teacher_iddc", "teacher_dcsf"),
+                 "sf": ("teacher_idsf", "teacher_dcsf")}
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = 0.6  # ID
+    beta: float = 0.8  # DC
+    gamma: float = 0.5  # SF
+    temperature_utterance: float = 4.0
+    temperature_token: float = 8.0
+    adaptive_temperature: bool = True
+    fusion: str = "attention"  # or "mean"
+    use_kd: bool = True
+    use_mse: bool = True
+    use_crd: bool = True
+    crd_tau: float = 0.1
+    crd_max_words: int = 512  # words per batch in the contrastive loss (bounds its cost)
+    fusion_hidden: int = 64
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- teacher cache
+
+@torch.no_grad()
+def teacher_outputs(model: MultiTaskNLU, dataset, collator, batch_size: int = 128, desc: str = "teacher"):
+    """Per-example logits and per-word emissions and hidden states of one teacher (float16)."""
+    model.eval()
+    n = len(dataset)
+    words = np.asarray([sum(1 for x in row if x != IGNORE) for row in dataset["slot_labels"]])
+    offsets = np.concatenate([[0], np.cumsum(words)])
+    out: dict[str, torch.Tensor] = {}
+    for start in tqdm(range(0, n, batch_size), desc=desc, leave=False):
+        idx = list(range(start, min(start + batch_size, n)))
+        batch = collator([dataset[i] for i in idx])
+        result = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        word_mask = batch["slot_labels"] != IGNORE
+        for name, key in (("intent_logits", "id"), ("domain_logits", "dc")):
+            if name in result:
+                out.setdefault(key, torch.empty(n, result[name].shape[1], dtype=torch.float16))[idx] = \
+                    result[name].half()
+        if "slot_logits" in result:
+            lo, hi = offsets[idx[0]], offsets[idx[-1] + 1]
+            emissions = result["slot_logits"][word_mask]
+            hidden = result["hidden"][word_mask]
+            out.setdefault("sf", torch.empty(offsets[-1], emissions.shape[1], dtype=torch.float16))[lo:hi] = \
+                emissions.half()
+            out.setdefault("hidden", torch.empty(offsets[-1], hidden.shape[1], dtype=torch.float16))[lo:hi] = \
+                hidden.half()
+    out["word_offsets"] = torch.from_numpy(offsets)
+    return out
+
+
+def cache_key(teacher_paths: dict[str, Path], split: str, n_examples: int) -> str:
+    blob = json.dumps({k: Path(v).name for k, v in sorted(teacher_paths.items())} | {"split": split, "n": n_examples})
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cached_teacher_outputs(teachers: dict, data, split: str, cache_root: Path, collator) -> dict[str, dict]:
+    """Teacher outputs on ``split``, from ``cache_root`` when there, else computed and saved.
+
+    ``teachers`` maps a name to an object with ``.model`` and ``.path`` (a TrainedModel);
+    the cache is keyed by every teacher's saved-model folder (itself a hash of the
+    parameters that trained it) and by the split, so a retrained teacher invalidates it.
+    """
+    dataset = data.features[split]
+    folder = cache_root / f"{split}-{cache_key({k: t.path for k, t in teachers.items()}, split, len(dataset))}"
+    if not folder.exists():
+        with atomic_dir(folder) as tmp:
+            for name, teacher in teachers.items():
+                save_file({k: v.contiguous() for k, v in
+                           teacher_outputs(teacher.model, dataset, collator, desc=f"{name} on {split}").items()},
+                          tmp / f"{name}.safetensors")
+    return {name: load_file(folder / f"{name}.safetensors") for name in teachers}
+
+
+# ---------------------------------------------------------------- fusion and temperature
+
+class TeacherFusion(nn.Module):
+    """Per-example (or per-word) attention over two teachers' outputs, conditioned on the student."""
+
+    def __init__(self, student_dim: int, output_dim: int, hidden: int = 64, mode: str = "attention"):
+        super().__init__()
+        self.mode = mode
+        self.student = nn.Linear(student_dim, hidden)
+        self.teacher = nn.Linear(output_dim, hidden, bias=False)
+        self.score = nn.Linear(hidden, 1, bias=False)
+
+    def weights(self, student: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """student ``[N, S]``, outputs ``[N, K, D]`` -> weights ``[N, K]`` summing to 1."""
+        if self.mode == "mean":
+            return torch.full(outputs.shape[:2], 1.0 / outputs.shape[1], device=outputs.device)
+        scores = self.score(torch.tanh(self.student(student).unsqueeze(1) + self.teacher(outputs))).squeeze(-1)
+        return scores.softmax(-1)
+
+
+def fuse(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return (weights.unsqueeze(-1) * values).sum(1)
+
+
+def multilabel_confidence(logits: torch.Tensor) -> torch.Tensor:
+    return (2 * torch.sigmoid(logits) - 1).abs().mean(-1)
+
+
+def adaptive_temperature(base: float, confidence: torch.Tensor, adaptive: bool = True) -> torch.Tensor:
+    """``T · (0.5 + c)``: between T/2 (unsure teacher) and 3T/2 (certain teacher)."""
+    if not adaptive:
+        return torch.full_like(confidence, base)
+    return base * (0.5 + confidence.clamp(0, 1))
+
+
+# ---------------------------------------------------------------- losses
+
+def multilabel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: torch.Tensor):
+    """BCE of softened student sigmoids against softened teacher sigmoids, × T² (per example T)."""
+    t = temperature.unsqueeze(-1)
+    target = torch.sigmoid(teacher_logits / t)
+    per_label = F.binary_cross_entropy_with_logits(student_logits / t, target, reduction="none")
+    # subtract the target's own entropy so the loss is 0 when student equals teacher
+    entropy = F.binary_cross_entropy(target, target, reduction="none")
+    return ((per_label - entropy).mean(-1) * temperature ** 2).mean()
+
+
+def token_kd(student_emissions: torch.Tensor, teacher_emissions: torch.Tensor, temperature: torch.Tensor):
+    """KL(teacher ‖ student) of softened tag distributions per word, × T²."""
+    t = temperature.unsqueeze(-1)
+    kl = F.kl_div(F.log_softmax(student_emissions / t, -1), F.log_softmax(teacher_emissions / t, -1),
+                  log_target=True, reduction="none").sum(-1)
+    return (kl * temperature ** 2).mean()
+
+
+def representation_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(student, teacher)
+
+
+def contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """InfoNCE: row i of ``student`` should match row i of ``teacher`` among all rows."""
+    logits = F.normalize(student, dim=-1) @ F.normalize(teacher, dim=-1).T / tau
+    return F.cross_entropy(logits, torch.arange(len(student), device=student.device))
+
+
+# ---------------------------------------------------------------- the student under distillation
+
+class Distiller(nn.Module):
+    """The student plus what distillation trains with it (fusion, projection); only the student is kept."""
+
+    def __init__(self, student: MultiTaskNLU, config: DistillConfig, teacher_hidden: int):
+        super().__init__()
+        self.student, self.config = student, config
+        width = student.encoder.config.hidden_size
+        nc = student.config
+        self.fusion = nn.ModuleDict({
+            "id": TeacherFusion(width, nc.n_intents, config.fusion_hidden, config.fusion),
+            "dc": TeacherFusion(width, nc.n_domains, config.fusion_hidden, config.fusion),
+            "sf": TeacherFusion(width, len(nc.tags) + teacher_hidden, config.fusion_hidden, config.fusion),
+        })
+        self.projection = nn.Linear(width, teacher_hidden)
+
+    @property
+    def tasks(self):
+        return self.student.tasks
+
+    def forward(self, input_ids, attention_mask, intent_labels=None, domain_labels=None, slot_labels=None,
+                teacher_id=None, teacher_dc=None, teacher_sf=None, teacher_hidden=None, **_):
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, intent_labels=intent_labels,
+                           domain_labels=domain_labels, slot_labels=slot_labels)
+        if teacher_id is None:  # plain evaluation
+            return out
+        c = self.config
+        ce = out["losses"]
+        pooled = out["pooled"]
+        word_mask = slot_labels != IGNORE
+        student_words = out["hidden"][word_mask]  # [Nw, H]
+        student_emissions = out["slot_logits"][word_mask]  # [Nw, T]
+        terms = {"ce_id": ce["id"], "ce_dc": ce["dc"], "ce_sf": ce["sf"]}
+        weights = {}
+        if c.use_kd or c.use_mse or c.use_crd:
+            trained = {
+                "id": self.fusion["id"].weights(pooled.detach(), teacher_id),
+                "dc": self.fusion["dc"].weights(pooled.detach(), teacher_dc),
+                "sf": self.fusion["sf"].weights(student_words.detach(), torch.cat([teacher_sf, teacher_hidden], -1)),
+            }
+            if c.fusion == "attention":
+                gold_tags = slot_labels[word_mask]
+                terms["fusion"] = (
+                    F.binary_cross_entropy_with_logits(fuse(trained["id"], teacher_id), intent_labels)
+                    + F.binary_cross_entropy_with_logits(fuse(trained["dc"], teacher_dc), domain_labels)
+                    + F.cross_entropy(fuse(trained["sf"], teacher_sf), gold_tags))
+            weights = {task: w.detach() for task, w in trained.items()}
+        if c.use_kd:
+            fused_id, fused_dc = fuse(weights["id"], teacher_id), fuse(weights["dc"], teacher_dc)
+            fused_sf = fuse(weights["sf"], teacher_sf)
+            t_id = adaptive_temperature(c.temperature_utterance, multilabel_confidence(fused_id), c.adaptive_temperature)
+            t_dc = adaptive_temperature(c.temperature_utterance, multilabel_confidence(fused_dc), c.adaptive_temperature)
+            t_sf = adaptive_temperature(c.temperature_token, fused_sf.softmax(-1).max(-1).values,
+                                        c.adaptive_temperature)
+            terms["kd_id"] = multilabel_kd(out["intent_logits"], fused_id, t_id.detach())
+            terms["kd_dc"] = multilabel_kd(out["domain_logits"], fused_dc, t_dc.detach())
+            terms["kd_sf"] = token_kd(student_emissions, fused_sf, t_sf.detach())
+        if c.use_mse or c.use_crd:
+            fused_hidden = fuse(weights["sf"], teacher_hidden)
+            projected = self.projection(student_words)
+            if c.use_mse:
+                terms["mse_sf"] = representation_mse(projected, fused_hidden)
+            if c.use_crd:
+                keep = torch.randperm(len(projected), device=projected.device)[:c.crd_max_words]
+                terms["crd_sf"] = contrastive_loss(projected[keep], fused_hidden[keep], c.crd_tau)
+        total = (c.alpha * (terms["ce_id"] + terms.get("kd_id", 0)) + c.beta * (terms["ce_dc"] + terms.get("kd_dc", 0))
+                 + c.gamma * (terms["ce_sf"] + terms.get("kd_sf", 0) + terms.get("mse_sf", 0) + terms.get("crd_sf", 0))
+                 + terms.get("fusion", 0))  # touches only the fusion's parameters
+        out["loss"], out["terms"], out["fusion_weights"] = total, terms, weights
+        return out
+
+
+# ---------------------------------------------------------------- batches and training
+
+class DistillCollator:
+    """The study's collator plus the cached teacher outputs of the batch's rows.
+
+    Rows carry their index into the cache (column ``row``); rows without it (dev, test)
+    get no teacher tensors, so the same collator serves evaluation.
+    """
+
+    def __init__(self, base, cache: dict[str, dict]):
+        self.base, self.cache = base, cache
+        self.offsets = {name: c["word_offsets"].numpy() for name, c in cache.items() if "word_offsets" in c}
+
+    def _words(self, name: str, key: str, rows) -> torch.Tensor:
+        offsets = self.offsets[name]
+        index = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in rows])
+        return self.cache[name][key][torch.from_numpy(index)].float()
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.base(examples)
+        if "row" not in examples[0]:
+            return batch
+        rows = [e["row"] for e in examples]
+        index = torch.tensor(rows)
+        batch["teacher_id"] = torch.stack([self.cache[t]["id"][index].float() for t in TASK_TEACHERS["id"]], 1)
+        batch["teacher_dc"] = torch.stack([self.cache[t]["dc"][index].float() for t in TASK_TEACHERS["dc"]], 1)
+        batch["teacher_sf"] = torch.stack([self._words(t, "sf", rows) for t in TASK_TEACHERS["sf"]], 1)
+        batch["teacher_hidden"] = torch.stack([self._words(t, "hidden", rows) for t in TASK_TEACHERS["sf"]], 1)
+        return batch
+
+
+def teacher_hidden_size(cache: dict[str, dict]) -> int:
+    return cache[TASK_TEACHERS["sf"][0]]["hidden"].shape[1]
+
+
+def attach_rows(dataset):
+    return dataset.add_column("row", list(range(len(dataset))))
+
+
+@torch.no_grad()
+def fusion_weights(distiller: "Distiller", data, cache: dict[str, dict], collator, split: str = "test",
+                   batch_size: int = 128):
+    """Average attention weight of each teacher, per task and locale, on ``split``."""
+    import pandas as pd
+
+    distiller.eval()
+    dataset = attach_rows(data.features[split])
+    collate = DistillCollator(collator, cache)
+    locales = np.asarray(dataset["locale"])
+    records = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="fusion weights", leave=False):
+        idx = list(range(start, min(start + batch_size, len(dataset))))
+        batch = collate([dataset[i] for i in idx])
+        out = distiller(**batch)
+        word_locale = np.repeat(locales[idx], (batch["slot_labels"] != IGNORE).sum(1).numpy())
+        for task, w in out["fusion_weights"].items():
+            loc = locales[idx] if task != "sf" else word_locale
+            for j, teacher in enumerate(TASK_TEACHERS[task]):
+                records.append(pd.DataFrame({"task": task, "teacher": teacher, "locale": loc,
+                                             "weight": w[:, j].numpy()}))
+    frame = pd.concat(records)
+    return frame.groupby(["task", "teacher", "locale"], as_index=False)["weight"].mean()
+
+
+@dataclass
+class DistilledModel:
+    model: MultiTaskNLU  # the student, all that is deployed
+    distiller: Distiller  # the student with its fusion and projection, for analysis
+    path: Path
+    history: list[dict]
+    train_seconds: float
+
+
+def distill_student(profile, data, teachers: dict, config: DistillConfig | None = None, name: str = "kd",
+                    student_overrides: dict | None = None, retrain: bool = False,
+                    **argument_overrides) -> DistilledModel:
+    """Train (or load) the student from the cached outputs of the three teachers.
+
+    ``student_overrides``: profile fields that size the student (default: the baseline's
+    architecture, as in the paper). Epochs and learning rate are the profile's
+    ``kd_epochs`` and ``kd_learning_rate``.
+    """
+    import dataclasses
+
+    from transformers import Trainer, set_seed
+
+    from .artifacts import read_json, write_json
+    from .pretrain import pretrain_encoder
+    from .train import _result_overrides, collator_for, model_dir, nlu_config, training_arguments, uses_mlm
+
+    config = config or DistillConfig()
+    student_profile = dataclasses.replace(profile, **(student_overrides or {}))
+    student_config = nlu_config(student_profile, data)
+    overrides = {"num_train_epochs": profile.kd_epochs, "learning_rate": profile.kd_learning_rate,
+                 **argument_overrides}
+    base = model_dir(student_profile, name, student_config, _result_overrides(overrides)).name
+    teachers_id = ",".join(sorted(Path(t.path).name for t in teachers.values()))
+    key = hashlib.sha256(f"{base}|{config.key()}|{teachers_id}".encode()).hexdigest()[:12]
+    final = profile.artifacts_dir / "models" / f"{name}-{key}"
+
+    collator = collator_for(data)
+    cache = cached_teacher_outputs(teachers, data, "train", profile.artifacts_dir / "teacher_cache", collator)
+    if final.exists() and not retrain:
+        student = MultiTaskNLU.load(final)
+        distiller = Distiller(student, config, teacher_hidden_size(cache))
+        distiller.load_state_dict(load_file(final / "distill_heads.safetensors"), strict=False)
+        info = read_json(final / "training.json")
+        return DistilledModel(student, distiller.eval(), final, info["history"], info["train_seconds"])
+
+    if uses_mlm(student_profile):
+        pretrain_encoder(student_profile, data)
+    set_seed(profile.train_seed)
+    student = MultiTaskNLU(student_config)
+    distiller = Distiller(student, config, teacher_hidden_size(cache))
+    trainer = Trainer(model=distiller,
+                      args=training_arguments(student_profile, profile.artifacts_dir / "checkpoints" / final.name,
+                                              **overrides),
+                      train_dataset=attach_rows(data.features["train"]), eval_dataset=data.features["dev"],
+                      data_collator=DistillCollator(collator, cache))
+    result = trainer.train()
+    history = trainer.state.log_history
+    seconds = float(result.metrics.get("train_runtime", 0.0))
+    if trainer.is_world_process_zero():
+        heads = {k: v.detach().contiguous() for k, v in distiller.state_dict().items() if not k.startswith("student.")}
+        with atomic_dir(final) as tmp:
+            student.save(tmp)
+            save_file(heads, tmp / "distill_heads.safetensors")
+            write_json(tmp / "training.json", {"history": history, "train_seconds": seconds,
+                                               "distill_config": asdict(config)})
+    student.eval()
+    return DistilledModel(student, distiller.eval(), final, history, seconds)

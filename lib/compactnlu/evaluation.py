@@ -1,0 +1,74 @@
+"""Evaluate a model variant once, save its predictions, and let later notebooks reload them.
+
+Every variant of the study (baseline, teachers, student, quantized models) goes through
+:func:`evaluate_variant`: predictions on the composed test set and on the official
+single-utterance test are saved as Parquet under ``artifacts/predictions/<key>/<variant>/``,
+so per-language breakdowns and significance tests never rerun a model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .artifacts import read_json, write_json
+from .config import Profile
+from .features import StudyData
+from .metrics import by_locale, load_predictions, massive_metrics, save_predictions, predict
+from .train import collator_for
+
+
+@dataclass
+class Evaluation:
+    variant: str
+    composed: pd.DataFrame  # metrics per locale and "all" on the composed test set
+    single: pd.DataFrame  # MASSIVE's measures per locale and "all" on single utterances
+    eval_loss: float
+    predict_seconds: float
+
+    def row(self) -> dict:
+        """The ``all`` row of the composed metrics, with the variant's name and eval loss."""
+        overall = self.composed.set_index("locale").loc["all"].to_dict()
+        return {"model": self.variant, "eval_loss": self.eval_loss, **overall}
+
+    def single_rows(self) -> pd.DataFrame:
+        return self.single.assign(variant=self.variant)[["variant", "locale", "intent_acc", "slot_span_f1",
+                                                         "exact_match"]]
+
+
+def predictions_dir(profile: Profile, variant: str) -> Path:
+    return profile.artifacts_dir / "predictions" / profile.result_key / variant
+
+
+def evaluate_variant(model, data: StudyData, profile: Profile, variant: str, batch_size: int = 128) -> Evaluation:
+    """Predict the composed and the single-utterance test sets; save predictions and metrics."""
+    folder = predictions_dir(profile, variant)
+    collate = collator_for(data)
+    start = time.perf_counter()
+    composed = predict(model, data.features["test"], collate, data.labels, batch_size, desc=f"{variant} test")
+    single = predict(model, data.features["test_single"], collate, data.labels, batch_size,
+                     desc=f"{variant} single")
+    seconds = time.perf_counter() - start
+    save_predictions(composed, folder / "test.parquet")
+    save_predictions(single, folder / "test_single.parquet")
+    result = Evaluation(variant, by_locale(composed, data.labels), by_locale(single, data.labels, massive_metrics),
+                        composed.attrs["eval_loss"], seconds)
+    write_json(folder / "summary.json", {"eval_loss": result.eval_loss, "predict_seconds": seconds})
+    return result
+
+
+def load_evaluation(profile: Profile, data: StudyData, variant: str) -> Evaluation:
+    """The saved predictions of a variant, with metrics recomputed from them."""
+    folder = predictions_dir(profile, variant)
+    composed = load_predictions(folder / "test.parquet")
+    single = load_predictions(folder / "test_single.parquet")
+    summary = read_json(folder / "summary.json")
+    return Evaluation(variant, by_locale(composed, data.labels), by_locale(single, data.labels, massive_metrics),
+                      summary["eval_loss"], summary["predict_seconds"])
+
+
+def load_variant_predictions(profile: Profile, variant: str, split: str = "test") -> pd.DataFrame:
+    return load_predictions(predictions_dir(profile, variant) / f"{split}.parquet")

@@ -1,0 +1,89 @@
+"""Masked-language-model pre-training of the from-scratch encoder on the training text.
+
+No pretrained weights can be downloaded here, so the default profile gives its encoder a
+short MLM phase on the composed training utterances (the same text the tokenizer was
+trained on; no dev or test text) before any task training. Baseline, teachers and
+student all start from this one encoder, so the comparison between them stays fair.
+
+The prediction head scores only the masked positions, which is where a small model's
+time would otherwise go (the vocabulary projection dwarfs a 128-wide encoder).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DataCollatorForLanguageModeling, Trainer, XLMRobertaConfig, XLMRobertaModel, set_seed
+
+from .artifacts import atomic_dir, write_json
+from .config import FEATURE_FIELDS, Profile
+from .features import StudyData
+
+log = logging.getLogger(__name__)
+
+ENCODER_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "dropout", "max_length")
+MLM_FIELDS = ("mlm_epochs", "mlm_learning_rate", "mlm_batch_size", "train_seed")
+
+
+class MaskedLM(nn.Module):
+    """An XLM-R encoder with a tied-embedding MLM head evaluated on masked positions only."""
+
+    def __init__(self, config: XLMRobertaConfig):
+        super().__init__()
+        self.encoder = XLMRobertaModel(config, add_pooling_layer=False)
+        self.transform = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.GELU(),
+                                       nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps))
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, input_ids, attention_mask, labels=None, **_):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        masked = labels != -100
+        scores = self.transform(hidden[masked]) @ self.encoder.embeddings.word_embeddings.weight.T + self.bias
+        return {"loss": nn.functional.cross_entropy(scores, labels[masked])}
+
+
+def encoder_config(profile: Profile, data: StudyData) -> XLMRobertaConfig:
+    tok = data.tokenizer
+    return XLMRobertaConfig(
+        vocab_size=len(tok), hidden_size=profile.hidden_size, num_hidden_layers=profile.num_layers,
+        num_attention_heads=profile.num_heads, intermediate_size=profile.intermediate_size,
+        hidden_dropout_prob=profile.dropout, attention_probs_dropout_prob=profile.dropout,
+        max_position_embeddings=profile.max_length + tok.pad_token_id + 1,  # XLM-R counts positions from pad + 1
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        type_vocab_size=1)
+
+
+def pretrained_encoder_dir(profile: Profile) -> Path:
+    return profile.artifacts_dir / "encoders" / f"mlm-{profile.key(*FEATURE_FIELDS, *ENCODER_FIELDS, *MLM_FIELDS)}"
+
+
+def pretrain_encoder(profile: Profile, data: StudyData, retrain: bool = False, **argument_overrides) -> Path:
+    """Run (or reuse) the MLM phase; returns a folder ``XLMRobertaModel.from_pretrained`` reads."""
+    from .train import training_arguments  # shared Trainer settings
+
+    final = pretrained_encoder_dir(profile)
+    if final.exists() and not retrain:
+        return final
+    set_seed(profile.train_seed)
+    model = MaskedLM(encoder_config(profile, data))
+    texts = data.features["train"].select_columns(["input_ids", "attention_mask", "n_subwords"])
+    args = training_arguments(
+        profile, profile.artifacts_dir / "checkpoints" / final.name,
+        num_train_epochs=profile.mlm_epochs, learning_rate=profile.mlm_learning_rate,
+        per_device_train_batch_size=profile.mlm_batch_size, eval_strategy="no", save_strategy="epoch",
+        load_best_model_at_end=False, metric_for_best_model=None, label_names=["labels"],
+        **argument_overrides)
+    collator = DataCollatorForLanguageModeling(data.tokenizer, mlm_probability=0.15)
+    trainer = Trainer(model=model, args=args, train_dataset=texts,
+                      data_collator=lambda rows: collator([{k: r[k] for k in ("input_ids", "attention_mask")}
+                                                           for r in rows]))
+    result = trainer.train()
+    if trainer.is_world_process_zero():
+        with atomic_dir(final) as tmp:
+            model.encoder.save_pretrained(tmp)
+            write_json(tmp / "pretraining.json", {"history": trainer.state.log_history,
+                                                  "train_seconds": result.metrics.get("train_runtime")})
+    return final

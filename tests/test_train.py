@@ -81,7 +81,11 @@ def counting_trainer():
             super().__init__(*a, **k)
             type(self).last = self
 
+        stop_after = None  # raise after this many steps, as a killed run would stop
+
         def training_step(self, *a, **k):
+            if self.stop_after is not None and self.state.global_step >= self.stop_after:
+                raise KeyboardInterrupt("interrupted by the test")
             type(self).steps += 1
             return super().training_step(*a, **k)
     return Counting
@@ -118,7 +122,7 @@ def test_train_saves_and_then_returns_the_cached_model(profile, data, artifacts,
     assert not cached.model.training
 
     # A parameter that shapes the model misses the cache ...
-    faster = load_profile("smoke", {**SMOKE, "learning_rate": 3e-3})
+    faster = load_profile("smoke", {**SMOKE, "learning_rate": 5e-3})
     with pytest.raises(RuntimeError, match="cache was not used"):
         train_model(faster, data, "cache")
     monkeypatch.undo()
@@ -134,7 +138,7 @@ def test_model_folder_key(profile, data):
     assert base.name.startswith("m-")
     assert model_dir(profile, "other", nlu_config(profile, data)).name.endswith(base.name[1:])
     changed = [
-        model_dir(load_profile("smoke", {**SMOKE, "learning_rate": 3e-3}), "m", nlu_config(profile, data)),
+        model_dir(load_profile("smoke", {**SMOKE, "learning_rate": 5e-3}), "m", nlu_config(profile, data)),
         model_dir(load_profile("smoke", {**SMOKE, "train_seed": 7}), "m", nlu_config(profile, data)),
         model_dir(load_profile("smoke", {**SMOKE, "hidden_size": 48}), "m", nlu_config(profile, data)),
         model_dir(load_profile("smoke", {**SMOKE, "max_length": 64}), "m", nlu_config(profile, data)),
@@ -203,14 +207,17 @@ STEPS = dict(save_strategy="steps", save_steps=2, eval_strategy="steps", eval_st
 def test_interrupted_training_resumes_from_the_last_checkpoint(profile, data, artifacts, monkeypatch, caplog):
     counting = counting_trainer()
     monkeypatch.setattr(train, "Trainer", counting)
-    first = train_model(profile, data, "resume", max_steps=4, **STEPS)
+    counting.stop_after = 4  # the run dies after its 4th step, before the final model is saved
+    with pytest.raises(KeyboardInterrupt):
+        train_model(profile, data, "resume", max_steps=6, **STEPS)
     assert counting.steps == 4
-    checkpoints = artifacts / "checkpoints" / first.path.name
+    checkpoints = next((artifacts / "checkpoints").glob("resume-*"))
     assert (checkpoints / "checkpoint-2").is_dir() and (checkpoints / "checkpoint-4").is_dir()
     assert (checkpoints / "checkpoint-4" / "trainer_state.json").is_file()
+    assert not list((artifacts / "models").glob("resume-*"))
 
-    # The final model folder is lost (as if the run died before saving): the next call resumes.
-    shutil.rmtree(first.path)
+    # The same call again resumes from the last checkpoint.
+    counting.stop_after = None
     counting.steps = 0
     caplog.set_level(logging.INFO, logger="compactnlu.train")
     resumed = train_model(profile, data, "resume", max_steps=6, **STEPS)

@@ -42,12 +42,14 @@ class Profile:
     max_length: int = 128
     # encoder: from scratch (XLM-R architecture) when model_name is None
     model_name: str | None = None
-    hidden_size: int = 256
-    num_layers: int = 4
+    # Sized by measurement on a 2-core CPU (README, "Sizing the default encoder").
+    hidden_size: int = 128
+    num_layers: int = 2
     num_heads: int = 4
-    intermediate_size: int = 1024
+    intermediate_size: int = 512
     dropout: float = 0.1
-    pooling: str = "mean"  # utterance representation for ID and DC: "mean" of tokens or "cls" (pooler)
+    # utterance representation for ID and DC: "max" or "mean" over tokens, or "cls" (XLM-R's pooler)
+    pooling: str = "max"
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # ID, DC, SF
     # masked-LM pre-training of a from-scratch encoder on the training text (0 epochs: none)
     mlm_epochs: float = 0.0
@@ -55,13 +57,14 @@ class Profile:
     mlm_batch_size: int = 64
     # training
     epochs: float = 3.0
-    learning_rate: float = 5e-4
+    teacher_epochs: float = 2.0
+    learning_rate: float = 2e-3
     batch_size: int = 32
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     train_seed: int = 42
     # distillation of the student (notebook 04)
-    kd_epochs: float = 3.0
+    kd_epochs: float = 2.0
     kd_learning_rate: float = 2e-3
 
     @property
@@ -134,6 +137,7 @@ PROFILES: dict[str, Profile] = {
         intermediate_size=64,
         mlm_epochs=2.0,
         epochs=8.0,
+        teacher_epochs=8.0,
         kd_epochs=8.0,
         kd_learning_rate=3e-3,
         batch_size=16,
@@ -153,6 +157,7 @@ PROFILES: dict[str, Profile] = {
         intermediate_size=3072,
         pooling="cls",
         epochs=5.0,
+        teacher_epochs=5.0,
         learning_rate=2e-5,
         kd_epochs=2.0,
         kd_learning_rate=3e-5,

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import atomic_dir
 from .features import IGNORE
+from .massive import sha256_of
 from .model import MultiTaskNLU
 
 # Which teachers know each task.
@@ -104,7 +105,9 @@ def teacher_outputs(model: MultiTaskNLU, dataset, collator, batch_size: int = 12
 
 
 def cache_key(teacher_paths: dict[str, Path], split: str, n_examples: int) -> str:
-    blob = json.dumps({k: Path(v).name for k, v in sorted(teacher_paths.items())} | {"split": split, "n": n_examples})
+    """Keyed by each teacher's weights (a retrained teacher invalidates it), the split and its size."""
+    weights = {k: sha256_of(Path(v) / "model.safetensors") for k, v in sorted(teacher_paths.items())}
+    blob = json.dumps(weights | {"split": split, "n": n_examples})
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -324,6 +327,8 @@ def fusion_weights(distiller: "Distiller", data, cache: dict[str, dict], collato
             for j, teacher in enumerate(TASK_TEACHERS[task]):
                 records.append(pd.DataFrame({"task": task, "teacher": teacher, "locale": loc,
                                              "weight": w[:, j].numpy()}))
+    if not records:  # no distillation term uses the teachers, so there is no fusion
+        return pd.DataFrame(columns=["task", "teacher", "locale", "weight"])
     frame = pd.concat(records)
     return frame.groupby(["task", "teacher", "locale"], as_index=False)["weight"].mean()
 

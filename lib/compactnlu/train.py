@@ -148,6 +148,12 @@ def train_model(profile: Profile, data: StudyData, name: str, tasks=TASKS, loss_
     return TrainedModel(model, final, history, seconds)
 
 
+def train_teacher(profile: Profile, data: StudyData, name: str, retrain: bool = False) -> TrainedModel:
+    """One of the paper's task-pair teachers, trained for the profile's ``teacher_epochs``."""
+    return train_model(profile, data, name, tasks=TEACHERS[name], retrain=retrain,
+                       num_train_epochs=profile.teacher_epochs)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train one model from the command line, e.g. under torchrun:
 

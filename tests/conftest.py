@@ -86,3 +86,14 @@ def artifacts_dir(tmp_path, monkeypatch) -> Path:
     folder = tmp_path / "artifacts"
     monkeypatch.setenv("COMPACTNLU_ARTIFACTS", str(folder))
     return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests use tiny tensors: one thread is faster, and leaves the other core to whatever else runs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

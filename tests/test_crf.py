@@ -18,14 +18,6 @@ TAGS3 = ("O", "B-a", "I-a")
 TAGS5 = ("O", "B-a", "I-a", "B-b", "I-b")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine has two cores and other work on them: more threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def random_crf(tags, seed: int, scale: float = 1.0) -> BIOCRF:
     crf = BIOCRF(tags)

@@ -49,13 +49,6 @@ def categorical_kl(p: list[float], q: list[float]) -> float:
     return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------- multilabel_kd
 

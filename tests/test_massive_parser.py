@@ -22,34 +22,19 @@ def test_no_slots_gives_all_o():
     assert tags == ["O", "O", "O", "O"]
 
 
-def test_multi_word_slot_gives_b_then_i_tags():
-    words, tags = parse_annotation("wake me at [time : five thirty am]")
-    assert words == ["wake", "me", "at", "five", "thirty", "am"]
-    assert tags == ["O", "O", "O", "B-time", "I-time", "I-time"]
-
-
-def test_single_word_slot_gives_only_b_tag():
-    words, tags = parse_annotation("play [artist_name : adele]")
-    assert words == ["play", "adele"]
-    assert tags == ["O", "B-artist_name"]
-
-
-def test_two_slots():
-    words, tags = parse_annotation("set alarm for [date : tomorrow] at [time : six am] please")
-    assert words == ["set", "alarm", "for", "tomorrow", "at", "six", "am", "please"]
-    assert tags == ["O", "O", "O", "B-date", "O", "B-time", "I-time", "O"]
-
-
-def test_adjacent_slots_each_start_with_b():
-    words, tags = parse_annotation("[date : today] [time : noon]")
-    assert words == ["today", "noon"]
-    assert tags == ["B-date", "B-time"]
-
-
-def test_slots_at_start_and_end():
-    words, tags = parse_annotation("[date : next monday] wake me at [time : seven]")
-    assert words == ["next", "monday", "wake", "me", "at", "seven"]
-    assert tags == ["B-date", "I-date", "O", "O", "O", "B-time"]
+@pytest.mark.parametrize("annotation, words, tags", [
+    ("wake me at [time : five thirty am]", ["wake", "me", "at", "five", "thirty", "am"],
+     ["O", "O", "O", "B-time", "I-time", "I-time"]),
+    ("play [artist_name : adele]", ["play", "adele"], ["O", "B-artist_name"]),
+    ("set alarm for [date : tomorrow] at [time : six am] please",
+     ["set", "alarm", "for", "tomorrow", "at", "six", "am", "please"],
+     ["O", "O", "O", "B-date", "O", "B-time", "I-time", "O"]),
+    ("[date : today] [time : noon]", ["today", "noon"], ["B-date", "B-time"]),
+    ("[date : next monday] wake me at [time : seven]", ["next", "monday", "wake", "me", "at", "seven"],
+     ["B-date", "I-date", "O", "O", "O", "B-time"]),
+], ids=["multi-word slot", "single-word slot", "two slots", "adjacent slots", "slots at start and end"])
+def test_slots_become_bio_tags(annotation, words, tags):
+    assert parse_annotation(annotation) == (words, tags)
 
 
 def test_slot_words_may_contain_colons_and_script():

@@ -20,13 +20,6 @@ HEADS = {"id": ["id_head"], "dc": ["dc_head"], "sf": ["sf_head", "crf"]}
 LOGITS = {"id": "intent_logits", "dc": "domain_logits", "sf": "slot_logits"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_config(tasks=("id", "dc", "sf"), **kw) -> NLUConfig:
     return NLUConfig(n_intents=N_INTENTS, n_domains=N_DOMAINS, tags=TAGS, tasks=tasks, encoder=dict(ENCODER), **kw)

@@ -62,7 +62,7 @@ def run(profile: str = "default", overrides: dict | None = None, *, force: bool 
             print(f"[skip] {notebook.name}: finished before with these parameters ({done['seconds']:.0f} s)")
             rows.append({"notebook": notebook.name, "status": "cached", "seconds": done["seconds"]})
             continue
-        print(f"[run ] {notebook.name} (profile {profile}) -> {executed.relative_to(ROOT)}", flush=True)
+        print(f"[run ] {notebook.name} (profile {profile}) -> {executed}", flush=True)
         start = time.perf_counter()
         try:
             pm.execute_notebook(str(notebook), str(executed), parameters=parameters,
@@ -80,17 +80,18 @@ def run(profile: str = "default", overrides: dict | None = None, *, force: bool 
         write_json(state_path, state)
         print(f"[done] {notebook.name} in {seconds:.0f} s", flush=True)
         rows.append({"notebook": notebook.name, "status": "ran", "seconds": seconds})
-    table = pd.DataFrame(rows)
-    _record_times(profile, overrides, state)
-    return table
+    # The study's own run times go beside its tables; a custom notebook list keeps them in out_dir.
+    tables = load_profile(profile, overrides).tables_dir if notebooks is None else out_dir
+    _record_times(state, tables / "notebook_times.csv")
+    return pd.DataFrame(rows)
 
 
-def _record_times(profile: str, overrides: dict | None, state: dict) -> None:
-    """Keep each notebook's last measured run time beside the profile's tables."""
+def _record_times(state: dict, path: Path) -> None:
+    """Each notebook's last measured run time, in minutes."""
     times = pd.DataFrame([{"notebook": name, "minutes": round(s["seconds"] / 60, 2), "finished": s["finished"]}
                           for name, s in sorted(state.items())])
     if not times.empty:
-        write_table(times, load_profile(profile, overrides).tables_dir / "notebook_times.csv", float_format="%.2f")
+        write_table(times, path, float_format="%.2f")
 
 
 def main(argv: list[str] | None = None) -> int:

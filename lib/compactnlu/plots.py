@@ -130,3 +130,21 @@ def models_by_task(table: pd.DataFrame, id_column: str = "model", title: str = "
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=3)
     return fig
+
+
+def calibration_sweep(sweep: pd.DataFrame, reference: pd.DataFrame | None = None) -> plt.Figure:
+    """Accuracy of static PTQ against the number of calibration batches, per model;
+    dashed lines: the fp32 model's value."""
+    metrics = ["id_acc", "dc_acc", "sf_f1"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), sharex=True)
+    for ax, metric in zip(axes, metrics):
+        sns.lineplot(data=sweep, x="n_batches", y=metric, hue="model", marker="o", ax=ax)
+        if reference is not None:
+            for i, (name, row) in enumerate(reference.set_index("model").iterrows()):
+                ax.axhline(row[metric], color=f"C{i}", ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.axvline(75, color="grey", lw=0.6, ls=":")
+        ax.set_title(metric)
+    fig.suptitle("Static PTQ: calibration batches (dotted: the paper's plateau at 75; dashed: fp32)", y=1.02)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,6 @@
+"""Post-training quantization of the study's models: static (eager, min-max calibrated),
+dynamic (int8 weights, activations quantized on the fly), and saving both without pickle."""
+
+from .common import calibration_batches, load_quantized, quantized_dir, save_quantized  # noqa: F401
+from .dynamic import quantize_dynamic  # noqa: F401
+from .static import quantize_static  # noqa: F401

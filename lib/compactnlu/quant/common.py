@@ -1,0 +1,83 @@
+"""What static and dynamic PTQ share: the x86 engine, quiet deprecation warnings, save and load.
+
+``torch.ao.quantization`` is deprecated in torch 2.13 (its successor is torchao's PT2E
+flow, ``torchao.quantization.pt2e``), but it is still the eager-mode API the paper used.
+Its warnings are caught here, once, so notebooks stay readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..artifacts import atomic_dir
+from ..model import MultiTaskNLU, NLUConfig
+
+ENGINE = "x86"  # fbgemm kernels with x86 dispatch; the machine is x86-64
+
+
+@contextlib.contextmanager
+def quiet_quantization():
+    """Silence torch.ao.quantization's deprecation and observer warnings inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=r".*must run observer before calling calculate_qparams.*")
+        warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao\..*")
+        torch.backends.quantized.engine = ENGINE
+        yield
+
+
+def float_copy(model: MultiTaskNLU) -> MultiTaskNLU:
+    return copy.deepcopy(model).eval()
+
+
+def save_quantized(model: MultiTaskNLU, folder: Path | str, method: str, details: dict | None = None) -> Path:
+    """``config.json`` + ``quantization.json`` + ``model.pt`` (a state dict of tensors and
+    quantized tensors, which ``torch.load(weights_only=True)`` reads without running pickled code)."""
+    with atomic_dir(folder) as tmp:
+        (tmp / "config.json").write_text(model.config.to_json())
+        (tmp / "quantization.json").write_text(json.dumps({"method": method, **(details or {})}, indent=1))
+        with quiet_quantization():
+            torch.save(model.state_dict(), tmp / "model.pt")
+    return Path(folder)
+
+
+def load_quantized(folder: Path | str) -> MultiTaskNLU:
+    """Rebuild the quantized structure from the float config, then load the saved weights."""
+    from .dynamic import dynamic_structure
+    from .static import static_structure
+
+    folder = Path(folder)
+    config = NLUConfig.from_json((folder / "config.json").read_text())
+    config.pretrained = None
+    method = json.loads((folder / "quantization.json").read_text())["method"]
+    skeleton = MultiTaskNLU(config).eval()
+    with quiet_quantization():
+        model = {"static": static_structure, "dynamic": dynamic_structure}[method](skeleton)
+        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    return model.eval()
+
+
+def calibration_batches(data, collator, batch_size: int, seed: int):
+    """Batches of the training split in a seeded random order (never dev or test)."""
+    import numpy as np
+
+    train = data.features["train"]
+    order = np.random.default_rng(seed).permutation(len(train))
+    for start in range(0, len(order), batch_size):
+        yield collator([train[int(i)] for i in order[start:start + batch_size]])
+
+
+def quantized_dir(profile, variant: str, details: dict) -> Path:
+    """``artifacts/quantized/<variant>-<key>``: keyed by the profile and the method's settings."""
+    import hashlib
+
+    blob = json.dumps({"profile": profile.result_key, **details}, sort_keys=True, default=str)
+    return profile.artifacts_dir / "quantized" / f"{variant}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"

@@ -1,0 +1,23 @@
+"""Dynamic PTQ: every ``nn.Linear`` to int8 weights (scale max|W|/127 per tensor) with
+activations quantized on the fly per batch, and the embeddings to 8-bit weights; no calibration."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.ao import quantization as tq
+
+from ..model import MultiTaskNLU
+from .common import float_copy, quiet_quantization
+
+
+def dynamic_structure(model: MultiTaskNLU) -> MultiTaskNLU:
+    with quiet_quantization():
+        return tq.quantize_dynamic(model, {nn.Linear: tq.default_dynamic_qconfig,
+                                           nn.Embedding: tq.float_qparams_weight_only_qconfig},
+                                   dtype=torch.qint8, inplace=True)
+
+
+def quantize_dynamic(model: MultiTaskNLU) -> MultiTaskNLU:
+    """A dynamically quantized copy of ``model`` (the float model is left as it is)."""
+    return dynamic_structure(float_copy(model))

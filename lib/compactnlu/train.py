@@ -90,7 +90,7 @@ def training_arguments(profile: Profile, output_dir: Path, **overrides) -> Train
         eval_strategy="epoch",
         save_strategy="epoch",
         logging_strategy="steps",
-        logging_steps=50,
+        logging_steps=200,
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,

@@ -613,3 +613,21 @@ def test_distill_student_saves_then_loads_and_fusion_weights(profile, data, teac
     assert len(sums) == 3 * len(set(data.features["dev"]["locale"]))
     assert np.allclose(sums.to_numpy(), 1.0, atol=1e-5), sums
     assert frame["weight"].between(0, 1).all()
+
+
+def test_describe_ablation_reports_what_each_change_did():
+    import pandas as pd
+
+    from compactnlu.distill import describe_ablation
+
+    metrics = ["id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1"]
+    table = pd.DataFrame([
+        {"config": "full", **dict.fromkeys(metrics, 0.5)},
+        {"config": "ce_only", **dict.fromkeys(metrics, 0.5), "dc_acc": 0.45, "id_f1": 0.52},
+        {"config": "mean_fusion", **dict.fromkeys(metrics, 0.502)},
+    ])
+    text = describe_ablation(table)
+    ce_line = next(line for line in text.splitlines() if "ce_only" in line)
+    assert "full loss was better on dc_acc by 5.0 points" in ce_line
+    assert "variant was better on id_f1 by 2.0 points" in ce_line
+    assert "no metric moves" in next(line for line in text.splitlines() if "mean_fusion" in line)

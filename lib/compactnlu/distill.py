@@ -400,3 +400,35 @@ def distill_student(profile, data, teachers: dict, config: DistillConfig | None 
                                                "distill_config": asdict(config)})
     student.eval()
     return DistilledModel(student, distiller.eval(), final, history, seconds)
+
+
+ABLATION_MEANING = {
+    "mean_fusion": "a plain average of the teachers instead of attention fusion",
+    "no_mse_crd": "no representation terms (MSE and CRD)",
+    "ce_only": "no teachers at all (cross-entropy only)",
+}
+
+
+def describe_ablation(table, reference: str = "full", threshold: float = 0.005) -> str:
+    """Plain sentences, from the numbers, on what each removed part of the loss did.
+
+    ``table``: rows ``config`` with the six metrics; a change smaller than ``threshold``
+    (half a point) counts as no change.
+    """
+    base = table.set_index("config").loc[reference]
+    lines = []
+    for config, row in table.set_index("config").drop(index=reference).iterrows():
+        delta = row - base
+        better = [f"{m} +{d * 100:.1f}" for m, d in delta.items() if d >= threshold]
+        worse = [f"{m} {d * 100:.1f}" for m, d in delta.items() if d <= -threshold]
+        what = ABLATION_MEANING.get(config, config)
+        if not better and not worse:
+            lines.append(f"- **{config}** ({what}): no metric moves by half a point or more.")
+            continue
+        parts = []
+        if worse:
+            parts.append("the full loss was better on " + ", ".join(worse).replace(" -", " by ") + " points")
+        if better:
+            parts.append("the variant was better on " + ", ".join(better).replace(" +", " by ") + " points")
+        lines.append(f"- **{config}** ({what}): " + "; ".join(parts) + ".")
+    return "\n".join(lines)

@@ -30,23 +30,28 @@ The student learns from the three task-pair teachers with
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_dir
+from transformers import set_seed
+
+from .artifacts import atomic_dir, read_json, write_json
 from .features import IGNORE
 from .massive import sha256_of
 from .model import MultiTaskNLU
+from .pretrain import pretrain_encoder
+from .train import result_overrides, collator_for, model_dir, nlu_config, training_arguments, uses_mlm
 
 # Which teachers know each task.
 TASK_TEACHERS = {"id": ("teacher_idsf", "teacher_iddc"), "dc": ("teacher_iddc", "teacher_dcsf"),
@@ -310,8 +315,6 @@ def attach_rows(dataset):
 def fusion_weights(distiller: "Distiller", data, cache: dict[str, dict], collator, split: str = "test",
                    batch_size: int = 128):
     """Average attention weight of each teacher, per task and locale, on ``split``."""
-    import pandas as pd
-
     distiller.eval()
     dataset = attach_rows(data.features[split])
     collate = DistillCollator(collator, cache)
@@ -351,20 +354,14 @@ def distill_student(profile, data, teachers: dict, config: DistillConfig | None 
     architecture, as in the paper). Epochs and learning rate are the profile's
     ``kd_epochs`` and ``kd_learning_rate``.
     """
-    import dataclasses
-
-    from transformers import Trainer, set_seed
-
-    from .artifacts import read_json, write_json
-    from .pretrain import pretrain_encoder
-    from .train import _result_overrides, collator_for, model_dir, nlu_config, training_arguments, uses_mlm
+    from transformers import Trainer  # looked up at call time, so tests can stand in for it
 
     config = config or DistillConfig()
     student_profile = dataclasses.replace(profile, **(student_overrides or {}))
     student_config = nlu_config(student_profile, data)
     overrides = {"num_train_epochs": profile.kd_epochs, "learning_rate": profile.kd_learning_rate,
                  **argument_overrides}
-    base = model_dir(student_profile, name, student_config, _result_overrides(overrides)).name
+    base = model_dir(student_profile, name, student_config, result_overrides(overrides)).name
     teachers_id = ",".join(sorted(Path(t.path).name for t in teachers.values()))
     key = hashlib.sha256(f"{base}|{config.key()}|{teachers_id}".encode()).hexdigest()[:12]
     final = profile.artifacts_dir / "models" / f"{name}-{key}"

@@ -67,7 +67,7 @@ class TrainedModel:
     train_seconds: float
 
 
-def _result_overrides(overrides: dict) -> dict:
+def result_overrides(overrides: dict) -> dict:
     """Trainer arguments that change the model (not logging or progress display)."""
     cosmetic = {"disable_tqdm", "logging_steps", "logging_strategy", "report_to"}
     return {k: v for k, v in overrides.items() if k not in cosmetic}
@@ -115,7 +115,7 @@ def train_model(profile: Profile, data: StudyData, name: str, tasks=TASKS, loss_
                 retrain: bool = False, **argument_overrides) -> TrainedModel:
     """Train (or load) one multitask model on the composed training split."""
     config = nlu_config(profile, data, tasks, loss_weights)
-    final = model_dir(profile, name, config, _result_overrides(argument_overrides))
+    final = model_dir(profile, name, config, result_overrides(argument_overrides))
     if final.exists() and not retrain:
         info = read_json(final / "training.json")
         return TrainedModel(MultiTaskNLU.load(final), final, info["history"], info["train_seconds"])

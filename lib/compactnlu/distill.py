@@ -46,12 +46,12 @@ from tqdm.auto import tqdm
 
 from transformers import set_seed
 
-from .artifacts import atomic_dir, read_json, write_json
+from .artifacts import atomic_dir, read_json
 from .features import IGNORE
 from .massive import sha256_of
 from .model import MultiTaskNLU
 from .pretrain import pretrain_encoder
-from .train import result_overrides, collator_for, model_dir, nlu_config, training_arguments, uses_mlm
+from .train import collator_for, fit_and_save, model_dir, nlu_config, result_overrides, training_arguments, uses_mlm
 
 # Which teachers know each task.
 TASK_TEACHERS = {"id": ("teacher_idsf", "teacher_iddc"), "dc": ("teacher_iddc", "teacher_dcsf"),
@@ -385,16 +385,12 @@ def distill_student(profile, data, teachers: dict, config: DistillConfig | None 
                                               **overrides),
                       train_dataset=attach_rows(data.features["train"]), eval_dataset=data.features["dev"],
                       data_collator=DistillCollator(collator, cache))
-    result = trainer.train()
-    history = trainer.state.log_history
-    seconds = float(result.metrics.get("train_runtime", 0.0))
-    if trainer.is_world_process_zero():
+    def save(folder: Path) -> None:
+        student.save(folder)
         heads = {k: v.detach().contiguous() for k, v in distiller.state_dict().items() if not k.startswith("student.")}
-        with atomic_dir(final) as tmp:
-            student.save(tmp)
-            save_file(heads, tmp / "distill_heads.safetensors")
-            write_json(tmp / "training.json", {"history": history, "train_seconds": seconds,
-                                               "distill_config": asdict(config)})
+        save_file(heads, folder / "distill_heads.safetensors")
+
+    history, seconds = fit_and_save(trainer, final, save, info={"distill_config": asdict(config)})
     student.eval()
     return DistilledModel(student, distiller.eval(), final, history, seconds)
 

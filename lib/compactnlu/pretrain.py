@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from transformers import DataCollatorForLanguageModeling, Trainer, XLMRobertaConfig, XLMRobertaModel, set_seed
 
-from .artifacts import atomic_dir, write_json
 from .config import FEATURE_FIELDS, Profile
 from .features import StudyData
 
@@ -62,7 +61,7 @@ def pretrained_encoder_dir(profile: Profile) -> Path:
 
 def pretrain_encoder(profile: Profile, data: StudyData, retrain: bool = False, **argument_overrides) -> Path:
     """Run (or reuse) the MLM phase; returns a folder ``XLMRobertaModel.from_pretrained`` reads."""
-    from .train import training_arguments  # shared Trainer settings
+    from .train import fit_and_save, training_arguments  # train.py imports this module
 
     final = pretrained_encoder_dir(profile)
     if final.exists() and not retrain:
@@ -80,10 +79,5 @@ def pretrain_encoder(profile: Profile, data: StudyData, retrain: bool = False, *
     trainer = Trainer(model=model, args=args, train_dataset=texts,
                       data_collator=lambda rows: collator([{k: r[k] for k in ("input_ids", "attention_mask")}
                                                            for r in rows]))
-    result = trainer.train()
-    if trainer.is_world_process_zero():
-        with atomic_dir(final) as tmp:
-            model.encoder.save_pretrained(tmp)
-            write_json(tmp / "pretraining.json", {"history": trainer.state.log_history,
-                                                  "train_seconds": result.metrics.get("train_runtime")})
+    fit_and_save(trainer, final, model.encoder.save_pretrained)
     return final

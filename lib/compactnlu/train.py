@@ -111,6 +111,22 @@ def training_arguments(profile: Profile, output_dir: Path, **overrides) -> Train
     return TrainingArguments(**args)
 
 
+def fit_and_save(trainer: Trainer, final: Path, save, resume: str | None = None,
+                 info: dict | None = None) -> tuple[list[dict], float]:
+    """Train, then on the main process write ``final`` atomically: ``save(folder)`` plus
+    ``training.json`` (the Trainer's log, its run time, the best checkpoint, world size)."""
+    result = trainer.train(resume_from_checkpoint=resume)
+    history = trainer.state.log_history
+    seconds = float(result.metrics.get("train_runtime", 0.0))
+    if trainer.is_world_process_zero():
+        with atomic_dir(final) as tmp:
+            save(tmp)
+            write_json(tmp / "training.json", {"history": history, "train_seconds": seconds,
+                                               "best_checkpoint": trainer.state.best_model_checkpoint,
+                                               "world_size": trainer.args.world_size, **(info or {})})
+    return history, seconds
+
+
 def train_model(profile: Profile, data: StudyData, name: str, tasks=TASKS, loss_weights: dict | None = None,
                 retrain: bool = False, **argument_overrides) -> TrainedModel:
     """Train (or load) one multitask model on the composed training split."""
@@ -135,15 +151,7 @@ def train_model(profile: Profile, data: StudyData, name: str, tasks=TASKS, loss_
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() and not retrain else None
     if resume:
         log.info("resuming %s from %s", name, resume)
-    result = trainer.train(resume_from_checkpoint=resume)
-    history = trainer.state.log_history
-    seconds = float(result.metrics.get("train_runtime", 0.0))
-    if trainer.is_world_process_zero():
-        with atomic_dir(final) as tmp:
-            model.save(tmp)
-            write_json(tmp / "training.json", {"history": history, "train_seconds": seconds,
-                                               "best_checkpoint": trainer.state.best_model_checkpoint,
-                                               "world_size": trainer.args.world_size})
+    history, seconds = fit_and_save(trainer, final, model.save, resume)
     model.eval()
     return TrainedModel(model, final, history, seconds)
 

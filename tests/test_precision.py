@@ -428,3 +428,27 @@ def test_apply_mixed_searches_on_a_tiny_model():
     assert torch.equal(exported.sf_head.qweight, expected.qweight)
     with torch.no_grad():
         assert torch.all(torch.isfinite(exported(**make_batch())["slot_logits"]))
+
+
+def test_a_frozen_policy_saves_as_safetensors_and_reloads_exactly(tmp_path):
+    from compactnlu.bench import artifact_size_mb
+    from compactnlu.quant import load_quantized, save_quantized
+    from compactnlu.quant.precision import apply_policy, precision_groups
+
+    model = make_model()
+    groups = precision_groups(model, per_layer=True, embedding=True)
+    policy = {g: bits for g, bits in zip(groups, [4, 8, 16] * len(groups))}
+    frozen = apply_policy(model, policy, groups)
+    details = {"policy": policy, "per_channel": True, "per_layer": True, "embedding": True}
+    folder = save_quantized(frozen, tmp_path / "pc", "precision", details)
+
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "quantization.json"]
+    back = load_quantized(folder)
+    batch = make_batch()
+    with torch.no_grad():
+        a, b = frozen(**batch), back(**batch)
+    for key in ("intent_logits", "domain_logits", "slot_logits"):
+        assert torch.equal(a[key], b[key])
+    fp32 = tmp_path / "fp32"
+    model.save(fp32)
+    assert artifact_size_mb(folder) < artifact_size_mb(fp32)

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..artifacts import atomic_dir
 from ..model import MultiTaskNLU, NLUConfig
@@ -39,14 +40,30 @@ def float_copy(model: MultiTaskNLU) -> MultiTaskNLU:
 
 
 def save_quantized(model: MultiTaskNLU, folder: Path | str, method: str, details: dict | None = None) -> Path:
-    """``config.json`` + ``quantization.json`` + ``model.pt`` (a state dict of tensors and
-    quantized tensors, which ``torch.load(weights_only=True)`` reads without running pickled code)."""
+    """``config.json`` + ``quantization.json`` + the weights.
+
+    ``static`` and ``dynamic`` models hold torch quantized tensors, which safetensors cannot
+    store: they go to ``model.pt``, read back with ``torch.load(weights_only=True)`` (no
+    pickled code runs). ``precision`` models hold plain integer and float tensors:
+    ``model.safetensors``; ``details`` must then carry ``policy``, ``per_channel``,
+    ``per_layer`` and ``embedding`` so the structure can be rebuilt.
+    """
     with atomic_dir(folder) as tmp:
         (tmp / "config.json").write_text(model.config.to_json())
         (tmp / "quantization.json").write_text(json.dumps({"method": method, **(details or {})}, indent=1))
-        with quiet_quantization():
-            torch.save(model.state_dict(), tmp / "model.pt")
+        if method == "precision":
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        else:
+            with quiet_quantization():
+                torch.save(model.state_dict(), tmp / "model.pt")
     return Path(folder)
+
+
+def _precision_structure(model: MultiTaskNLU, details: dict) -> MultiTaskNLU:
+    from .precision import apply_policy, precision_groups
+
+    groups = precision_groups(model, per_layer=details["per_layer"], embedding=details["embedding"])
+    return apply_policy(model, details["policy"], groups, per_channel=details["per_channel"])
 
 
 def load_quantized(folder: Path | str) -> MultiTaskNLU:
@@ -57,10 +74,14 @@ def load_quantized(folder: Path | str) -> MultiTaskNLU:
     folder = Path(folder)
     config = NLUConfig.from_json((folder / "config.json").read_text())
     config.pretrained = None
-    method = json.loads((folder / "quantization.json").read_text())["method"]
+    details = json.loads((folder / "quantization.json").read_text())
     skeleton = MultiTaskNLU(config).eval()
+    if details["method"] == "precision":
+        model = _precision_structure(skeleton, details)
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+        return model.eval()
     with quiet_quantization():
-        model = {"static": static_structure, "dynamic": dynamic_structure}[method](skeleton)
+        model = {"static": static_structure, "dynamic": dynamic_structure}[details["method"]](skeleton)
         model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     return model.eval()
 

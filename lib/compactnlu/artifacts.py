@@ -33,7 +33,7 @@ def atomic_dir(final: Path | str):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _atomic_write(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -45,7 +45,7 @@ def _atomic_write(path: Path, write) -> Path:
 
 
 def write_json(path: Path | str, obj) -> Path:
-    return _atomic_write(Path(path), lambda tmp: tmp.write_text(
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(
         json.dumps(obj, indent=1, ensure_ascii=False, default=str), encoding="utf-8"))
 
 
@@ -56,9 +56,9 @@ def read_json(path: Path | str):
 def write_table(df: pd.DataFrame, path: Path | str, float_format: str = "%.4f") -> Path:
     """Write a result table as CSV and, beside it, as Markdown for reading on the web."""
     path = Path(path)
-    _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format=float_format))
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format=float_format))
     md = df.to_markdown(index=False, floatfmt=float_format.lstrip("%"))
-    _atomic_write(path.with_suffix(".md"), lambda tmp: tmp.write_text(md + "\n", encoding="utf-8"))
+    atomic_write(path.with_suffix(".md"), lambda tmp: tmp.write_text(md + "\n", encoding="utf-8"))
     return path
 
 

@@ -69,6 +69,3 @@ def load_evaluation(profile: Profile, data: StudyData, variant: str) -> Evaluati
     return Evaluation(variant, by_locale(composed, data.labels), by_locale(single, data.labels, massive_metrics),
                       summary["eval_loss"], summary["predict_seconds"])
 
-
-def load_variant_predictions(profile: Profile, variant: str, split: str = "test") -> pd.DataFrame:
-    return load_predictions(predictions_dir(profile, variant) / f"{split}.parquet")

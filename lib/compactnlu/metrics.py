@@ -23,6 +23,7 @@ from seqeval.metrics import f1_score as span_f1
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
+from .artifacts import atomic_write
 from .compose import LabelSpace
 
 METRIC_COLUMNS = ["id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1"]
@@ -141,11 +142,9 @@ def massive_metrics(df: pd.DataFrame) -> dict[str, float]:
 
 
 def save_predictions(df: pd.DataFrame, path: Path | str) -> Path:
-    """Parquet (no pickle); ``eval_loss`` travels in the file's metadata via a column-free attrs copy."""
-    from .artifacts import _atomic_write
-
+    """Parquet, read back without pickle; pandas keeps ``df.attrs`` (the eval loss) in its metadata."""
     path = Path(path)
-    _atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
     return path
 
 

@@ -326,20 +326,28 @@ class GumbelController(nn.Module):
         return {g: self.bits[int(k)] for g, k in zip(self.groups, self.theta.argmax(dim=-1))}
 
 
-class MixedPrecisionLinear(nn.Module):
-    """Search-time stand-in for an ``nn.Linear``: ``Σ_k w_k · F.linear(fq(x, b_k), fq(W, b_k), bias)``
-    with ``w`` the controller's current sample for ``group``.
+class _Controlled(nn.Module):
+    """A search-time layer that mixes its candidate widths by the controller's sample.
 
     The controller is held by reference, not as a submodule, so ``θ`` is not repeated in
     every layer's parameters and state dict; optimise ``controller.parameters()`` alongside.
     """
 
-    def __init__(self, linear: nn.Linear, controller: GumbelController, group: str, per_channel: bool = True):
+    def __init__(self, controller: GumbelController, group: str, per_channel: bool):
         super().__init__()
         if group not in controller.index:
             raise KeyError(f"group {group!r} is not one of the controller's")
-        self.linear, self.group, self.per_channel = linear, group, per_channel
+        self.group, self.per_channel = group, per_channel
         object.__setattr__(self, "controller", controller)
+
+
+class MixedPrecisionLinear(_Controlled):
+    """Search-time stand-in for an ``nn.Linear``: ``Σ_k w_k · F.linear(fq(x, b_k), fq(W, b_k), bias)``
+    with ``w`` the controller's current sample for ``group``."""
+
+    def __init__(self, linear: nn.Linear, controller: GumbelController, group: str, per_channel: bool = True):
+        super().__init__(controller, group, per_channel)
+        self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.controller.group_weights(self.group)
@@ -348,17 +356,14 @@ class MixedPrecisionLinear(nn.Module):
                    for k, b in enumerate(self.controller.bits))
 
 
-class MixedPrecisionEmbedding(nn.Module):
+class MixedPrecisionEmbedding(_Controlled):
     """Search-time stand-in for an ``nn.Embedding``: the looked-up rows, each fake-quantized
     per row at every candidate width, mixed by the controller's sample (cheap: only the rows
     of the batch are quantized, and a row's scale depends on that row alone)."""
 
     def __init__(self, embedding: nn.Embedding, controller: GumbelController, group: str, per_channel: bool = True):
-        super().__init__()
-        if group not in controller.index:
-            raise KeyError(f"group {group!r} is not one of the controller's")
-        self.embedding, self.group, self.per_channel = embedding, group, per_channel
-        object.__setattr__(self, "controller", controller)
+        super().__init__(controller, group, per_channel)
+        self.embedding = embedding
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.controller.group_weights(self.group)

@@ -17,7 +17,7 @@ from compactnlu.model import MultiTaskNLU, NLUConfig
 from compactnlu.quant.precision import (
     GumbelController, MixedPrecisionEmbedding, MixedPrecisionLinear, PrecisionEmbedding, PrecisionLinear,
     activation_variance, anneal_rate, apply_mixed, apply_policy, dequantize, fake_quantize, fake_quantize_weight,
-    group_param_counts, pack_int4, precision_groups, qmax, quantize_symmetric, sensitivity_init, sensitivity_policy,
+    group_param_counts, pack_int4, precision_groups, qmax, quantize_symmetric, controller_prior, sensitivity_policy,
     sensitivity_scores, tau_at, unpack_int4,
 )
 
@@ -318,17 +318,19 @@ def test_sensitivity_scores_are_weight_times_activation_variance():
     assert sensitivity_scores(groups, var)["second"] == pytest.approx(100 * scores["second"], rel=1e-6)
 
 
-def test_sensitivity_init_and_policy_favour_bits_for_sensitive_groups():
+def test_controller_prior_favours_bits_for_sensitive_groups_and_follows_the_cost():
     scores = {"a": 5.0, "b": 0.1, "c": 1.0, "d": 50.0, "e": 0.01, "f": 2.0}
-    theta = sensitivity_init(scores, (4, 8, 16), strength=4.0)
+    counts = {"a": 10, "b": 10, "c": 10, "d": 10, "e": 10, "f": 950}
+    theta = controller_prior(scores, counts, (4, 8, 16), lam=0.0, strength=1.0)
     c = GumbelController(list(scores), init=theta)
-    chosen = c.freeze()
-    assert chosen["d"] == 16 and chosen["e"] == 4
+    assert set(c.freeze().values()) == {16}  # no cost: every group leans to the most bits
     expected = c.expected_bits().tolist()
     by_score = sorted(range(len(scores)), key=lambda i: list(scores.values())[i])
-    assert all(expected[i] < expected[j] for i, j in zip(by_score, by_score[1:]))
-    assert torch.equal(sensitivity_init(scores, strength=0.0), torch.zeros(6, 3))
-    assert sensitivity_init(scores, (16, 4, 8)).argmax(-1)[3] == 0  # bits in any order: 16 is index 0
+    assert all(expected[i] < expected[j] for i, j in zip(by_score, by_score[1:]))  # the sensitive more steeply
+    costly = GumbelController(list(scores), init=controller_prior(scores, counts, (4, 8, 16), lam=10.0))
+    assert costly.freeze()["f"] == 4 and costly.freeze()["d"] == 16  # the cost hits the big group
+    assert torch.equal(controller_prior(scores, counts, strength=0.0), torch.zeros(6, 3))
+    assert controller_prior(scores, counts, (16, 4, 8)).argmax(-1)[3] == 0  # bits in any order: 16 is index 0
 
     policy = sensitivity_policy(scores, (4, 8, 16))
     assert policy == {"e": 4, "b": 4, "c": 8, "f": 8, "a": 16, "d": 16}

@@ -64,7 +64,7 @@ def write_table(df: pd.DataFrame, path: Path | str, float_format: str = "%.4f") 
 
 # The study's variants in the order its tables list them.
 VARIANT_ORDER = ["baseline", "teacher_idsf", "teacher_iddc", "teacher_dcsf", "kd", "baseline_static",
-                 "baseline_dynamic", "kd_static", "kd_dynamic", "kd_pcptq", "baseline_pcptq"]
+                 "baseline_dynamic", "kd_static", "kd_dynamic", "kd_pcptq", "baseline_pcptq", "kd_pcptq_fast", "kd_onnx_int8"]
 
 
 def upsert_rows(path: Path | str, rows: pd.DataFrame, key: list[str]) -> pd.DataFrame:

@@ -1,9 +1,28 @@
-"""Measurements made the same way for every variant of the study."""
+"""Measurements made the same way for every variant of the study: size, time, memory.
+
+Time is the model's: batches are tokenized and padded before the clock starts (the same
+batches for every variant), and a pass is the forward plus the decisions (sigmoid
+thresholds for ID and DC, Viterbi for SF). Variants are interleaved, each repeat in a
+rotated order, so drift of the machine hits them alike. Peak memory is measured in a
+fresh process per variant (``python -m compactnlu.bench``), so one variant's allocations
+cannot hide another's.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import PROFILES
 
 # What a deployment loads: weights (embeddings included), scales, configs; not training logs.
 DEPLOYED = ("model.*", "config.json", "quantization.json")
@@ -16,3 +35,151 @@ def artifact_size_mb(folder: Path | str) -> float:
     if not files:
         raise FileNotFoundError(f"no saved model in {folder}")
     return sum(p.stat().st_size for p in files) / 1e6
+
+
+def prepared_batches(dataset, collator, batch_size: int) -> list[dict]:
+    """The whole split, sorted by length and padded per batch: ``input_ids``, ``attention_mask``
+    and the first-subword ``word_mask`` the CRF decodes."""
+    order = np.argsort(np.asarray(dataset["n_subwords"]), kind="stable")
+    batches = []
+    for start in range(0, len(order), batch_size):
+        batch = collator([dataset[int(i)] for i in order[start:start + batch_size]])
+        batches.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                        "word_mask": batch["slot_labels"] != -100})
+    return batches
+
+
+@torch.no_grad()
+def infer(model, batch: dict) -> dict:
+    """One batch the way a deployment answers it: logits, label sets (as (row, label) pairs), Viterbi paths."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    answer = {}
+    for task, key in (("id", "intent_logits"), ("dc", "domain_logits")):
+        if key in out:
+            answer[task] = (torch.sigmoid(out[key]) >= 0.5).nonzero()
+    if "slot_logits" in out:
+        answer["sf"] = model.decode_slots(out["slot_logits"], batch["word_mask"])
+    return answer
+
+
+def _rotations(names: list[str], repeats: int):
+    for r in range(repeats):
+        k = r % len(names)
+        yield r, names[k:] + names[:k]
+
+
+def time_passes(models: dict, batches: list[dict], repeats: int = 5, warmup: int = 1) -> pd.DataFrame:
+    """Seconds per full pass over ``batches``: one row per variant and repeat (warm-up not kept)."""
+    names = list(models)
+    for name in names:
+        for _ in range(warmup):
+            for batch in batches[:: max(1, len(batches) // 8)]:
+                infer(models[name], batch)
+    rows = []
+    for r, order in _rotations(names, repeats):
+        for name in order:
+            start = time.perf_counter()
+            for batch in batches:
+                infer(models[name], batch)
+            rows.append({"variant": name, "repeat": r, "seconds": time.perf_counter() - start})
+    return pd.DataFrame(rows)
+
+
+def latency(models: dict, singles: list[dict], warmup: int = 10) -> pd.DataFrame:
+    """Milliseconds per utterance at batch 1, variants interleaved utterance by utterance."""
+    names = list(models)
+    for name in names:
+        for batch in singles[:warmup]:
+            infer(models[name], batch)
+    rows = []
+    for i, batch in enumerate(singles):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            infer(models[name], batch)
+            rows.append({"variant": name, "utterance": i, "ms": 1e3 * (time.perf_counter() - start)})
+    return pd.DataFrame(rows)
+
+
+def summarise(passes: pd.DataFrame, latencies: pd.DataFrame, throughput_passes: pd.DataFrame,
+              n_throughput: int) -> pd.DataFrame:
+    """Median and spread per variant: ``inference_s`` (median pass), its min/max, latency p50/p95,
+    throughput (utterances per second at batch 32, median pass)."""
+    t = passes.groupby("variant")["seconds"]
+    out = pd.DataFrame({"inference_s": t.median(), "inference_min_s": t.min(), "inference_max_s": t.max(),
+                        "repeats": t.size()})
+    lat = latencies.groupby("variant")["ms"]
+    out["latency_p50_ms"] = lat.quantile(0.5)
+    out["latency_p95_ms"] = lat.quantile(0.95)
+    out["throughput"] = n_throughput / throughput_passes.groupby("variant")["seconds"].median()
+    return out.reset_index()
+
+
+# ---------------------------------------------------------------- memory, in a fresh process
+
+def _status_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return kib * 1024 / 1e6
+
+
+def _reset_peak() -> None:
+    """Start the peak (VmHWM) afresh, so building the batches does not count (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_memory_mb(profile, variant: str, n_batches: int = 20, batch_size: int = 128,
+                   threads: int | None = None) -> dict:
+    """Peak resident memory of a fresh process that loads ``variant`` and answers
+    ``n_batches`` batches of the test set; ``peak_mb`` counts from just before the load."""
+    overrides = {k: v for k, v in profile.to_dict().items() if v != getattr(PROFILES[profile.name], k)}
+    cmd = [sys.executable, "-m", "compactnlu.bench", profile.name, json.dumps(overrides, default=list), variant,
+           str(n_batches), str(batch_size), str(threads or torch.get_num_threads())]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=os.environ.copy())
+    if done.returncode:
+        raise RuntimeError(f"memory probe of {variant} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(profile_name: str, overrides: dict, variant: str, n_batches: int, batch_size: int,
+                  threads: int) -> dict:
+    from .config import load_profile
+    from .features import load_study_data
+    from .train import collator_for
+    from .variants import load
+
+    torch.set_num_threads(threads)
+    profile = load_profile(profile_name, overrides)
+    data = load_study_data(profile)
+    test = data.features["test"]
+    batches = prepared_batches(test.select(range(min(len(test), n_batches * batch_size))), collator_for(data),
+                               batch_size)
+    _reset_peak()
+    before = _status_mb("VmRSS")
+    model = load(profile, variant)
+    loaded = _status_mb("VmRSS")
+    for batch in batches:
+        infer(model, batch)
+    return {"variant": variant, "load_mb": loaded - before, "peak_mb": _status_mb("VmHWM") - before}
+
+
+def environment() -> dict:
+    """The machine and the library versions a benchmark ran on."""
+    import onnxruntime
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnxruntime": onnxruntime.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+if __name__ == "__main__":
+    name, overrides, variant, n, size, threads = sys.argv[1:7]
+    print(json.dumps(_memory_probe(name, json.loads(overrides), variant, int(n), int(size), int(threads))))

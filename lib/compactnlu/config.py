@@ -66,6 +66,12 @@ class Profile:
     # distillation of the student (notebook 04)
     kd_epochs: float = 2.0
     kd_learning_rate: float = 2e-3
+    # precision-controlled PTQ (notebook 07): the λ sweep and the length of each search
+    pcptq_lambdas: tuple[float, ...] = (0.0, 0.25, 1.0, 4.0)
+    pcptq_steps: int = 150
+    # benchmark (notebook 08) and significance (notebook 10)
+    bench_repeats: int = 5  # timed passes over the test set per variant
+    seeds: int = 3  # seeds of the PTQ stage (calibration order, search noise) for Welch's test
 
     @property
     def data_dir(self) -> Path:
@@ -140,6 +146,10 @@ PROFILES: dict[str, Profile] = {
         teacher_epochs=8.0,
         kd_epochs=8.0,
         kd_learning_rate=3e-3,
+        pcptq_lambdas=(0.0, 4.0),
+        pcptq_steps=30,
+        bench_repeats=2,
+        seeds=2,
         batch_size=16,
         learning_rate=3e-3,
     ),
@@ -176,7 +186,7 @@ def load_profile(name: str = "default", overrides: dict | None = None) -> Profil
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
     if unknown:
         raise ValueError(f"unknown profile field(s): {', '.join(sorted(unknown))}")
-    for key in ("locales", "compose_k_probs", "loss_weights"):
+    for key in ("locales", "compose_k_probs", "loss_weights", "pcptq_lambdas"):
         if key in overrides:
             overrides[key] = tuple(overrides[key])
     return dataclasses.replace(profile, **overrides)

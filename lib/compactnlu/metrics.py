@@ -49,6 +49,7 @@ def predict(model, dataset, collator, labels: LabelSpace, batch_size: int = 128,
     order = np.argsort(lengths, kind="stable")
     meta = dataset.select_columns(["uid", "locale", "n_parts", "intents", "scenarios", "tags"]).to_pandas()
     tasks = getattr(model, "tasks", ("id", "dc", "sf"))
+    tag_names = labels.tags  # a property that builds the tuple anew on each access
     rows: dict[int, dict] = {}
     losses, weights = [], []
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
@@ -73,7 +74,7 @@ def predict(model, dataset, collator, labels: LabelSpace, batch_size: int = 128,
             if domain_sets is not None:
                 row["scenarios_pred"] = [labels.scenarios[k] for k in domain_sets[j]]
             if paths is not None:
-                predicted = [labels.tags[t] for t in paths[j]]
+                predicted = [tag_names[t] for t in paths[j]]
                 gold_len = len(meta.at[i, "tags"])
                 # words cut by truncation have no prediction: count them as O
                 row["tags_pred"] = predicted + ["O"] * (gold_len - len(predicted))

@@ -37,3 +37,23 @@ TABLE3 = pd.DataFrame([
     ("bn-BD", 0.9990, 0.9988, 0.8995, 0.8985, 0.9969, 0.9967),
     ("te-IN", 0.9989, 0.9987, 0.9015, 0.9005, 0.9971, 0.9969),
 ], columns=["locale", "id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1"])
+
+# Table 4 (baseline + static PTQ against KD + precision-controlled PTQ): mean, std, p as printed.
+TABLE4 = pd.DataFrame([
+    ("id_acc", 0.9947, 0.0021, 0.9991, 0.0006, "< 0.001"),
+    ("id_f1", 0.9939, 0.0024, 0.9989, 0.0007, "< 0.001"),
+    ("dc_acc", 0.8598, 0.0153, 0.9015, 0.0085, "0.010"),
+    ("dc_f1", 0.8509, 0.0171, 0.9010, 0.0090, "0.015"),
+    ("sf_acc", 0.9994, 0.0005, 0.9972, 0.0010, "0.080"),
+    ("sf_f1", 0.9994, 0.0005, 0.9969, 0.0011, "0.070"),
+], columns=["metric", "a_mean", "a_std", "b_mean", "b_std", "p_value"])
+
+
+def relative_to_baseline(table: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
+    """Size and time as a fraction of the table's own baseline; accuracy as a difference from it."""
+    t = table.set_index("variant")
+    out = pd.DataFrame({"size_vs_baseline": t.size_mb / t.size_mb[baseline],
+                        "time_vs_baseline": t.inference_s / t.inference_s[baseline]})
+    for metric in ("id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1"):
+        out[f"{metric}_diff"] = t[metric] - t[metric][baseline]
+    return out.reset_index()

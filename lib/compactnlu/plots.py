@@ -148,3 +148,140 @@ def calibration_sweep(sweep: pd.DataFrame, reference: pd.DataFrame | None = None
     fig.suptitle("Static PTQ: calibration batches (dotted: the paper's plateau at 75; dashed: fp32)", y=1.02)
     fig.tight_layout()
     return fig
+
+
+def policy_heatmap(tables: dict[str, pd.DataFrame]) -> plt.Figure:
+    """Frozen bits per component (rows) and layer (columns), one panel per policy."""
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.6), squeeze=False)
+    for ax, (name, table) in zip(axes[0], tables.items()):
+        sns.heatmap(table.astype(float), annot=True, fmt=".0f", cmap="viridis", vmin=4, vmax=16, cbar=False,
+                    ax=ax, linewidths=0.5)
+        ax.set_title(name)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def search_history(histories: dict[str, pd.DataFrame]) -> plt.Figure:
+    """Expected bits of each group over the search steps, one panel per λ."""
+    fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories), 3.4), sharey=True, squeeze=False)
+    for ax, (name, history) in zip(axes[0], histories.items()):
+        for column in [c for c in history.columns if c.startswith("bits:")]:
+            ax.plot(history["step"], history[column], label=column[5:], lw=1.2)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("expected bits")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def pareto(points: pd.DataFrame, metrics=("id_acc", "sf_f1")) -> plt.Figure:
+    """Artifact size against accuracy: ``points`` has ``model`` (fp32 source), ``kind``
+    (λ sweep, uniform, sensitivity, dynamic int8, fp32), ``label`` and ``size_mb`` + metrics."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.2 * len(metrics), 4.4), squeeze=False)
+    markers = {"λ sweep": "o", "uniform": "s", "sensitivity": "D", "dynamic int8": "^", "static int8": "v",
+               "fp32": "*", "selected": "P"}
+    for ax, metric in zip(axes[0], metrics):
+        sns.scatterplot(data=points, x="size_mb", y=metric, hue="model", style="kind", markers=markers, s=90,
+                        ax=ax)
+        for model, part in points[points.kind == "λ sweep"].sort_values("size_mb").groupby("model"):
+            ax.plot(part.size_mb, part[metric], lw=0.8, alpha=0.5, color="grey")
+        for _, row in points.iterrows():
+            ax.annotate(row["label"], (row["size_mb"], row[metric]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("artifact size on disk (MB)")
+        ax.set_title(metric)
+        if ax is not axes[0][-1]:
+            ax.get_legend().remove()
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def size_vs_accuracy(table: pd.DataFrame, metrics=("id_acc", "dc_acc", "sf_f1")) -> plt.Figure:
+    """Fig. 4: artifact size against accuracy, one panel per metric, one point per variant."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        sns.scatterplot(data=table, x="size_mb", y=metric, hue="variant", s=80, ax=ax, legend=ax is axes[0][-1])
+        for _, row in table.iterrows():
+            ax.annotate(row["variant"], (row["size_mb"], row[metric]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("size on disk (MB)")
+        ax.set_title(metric)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_by_task(table: pd.DataFrame, metrics=("id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1")
+                     ) -> plt.Figure:
+    """Fig. 5: every metric for every variant."""
+    long = table.melt(id_vars="variant", value_vars=list(metrics), var_name="metric", value_name="score")
+    fig, ax = plt.subplots(figsize=(13, 4.2))
+    sns.barplot(data=long, x="metric", y="score", hue="variant", ax=ax)
+    ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
+    ax.set_ylim(0, 1)
+    ax.set_title("Accuracy by task (composed test set)")
+    fig.tight_layout()
+    return fig
+
+
+def efficiency(table: pd.DataFrame, colour: str = "id_acc") -> plt.Figure:
+    """Fig. 6: inference time against size, accuracy as colour, latency p50 as marker size."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    points = ax.scatter(table["size_mb"], table["inference_s"], c=table[colour], s=40 + 20 * table["latency_p50_ms"],
+                        cmap="viridis", edgecolor="k")
+    for _, row in table.iterrows():
+        ax.annotate(row["variant"], (row["size_mb"], row["inference_s"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    fig.colorbar(points, ax=ax, label=colour)
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("inference over the composed test set (s)")
+    ax.set_title("Efficiency: time against size (marker area ~ latency p50)")
+    fig.tight_layout()
+    return fig
+
+
+def variants_by_locale(table: pd.DataFrame, metrics=("id_acc", "dc_acc", "sf_f1"), fmt: str = ".3f") -> plt.Figure:
+    """Heatmaps of variant × locale, one panel per metric (``table``: variant, locale, metrics)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.6 * len(metrics), 0.42 * table.variant.nunique() + 1.8),
+                             squeeze=False)
+    order = list(dict.fromkeys(table.variant))
+    for ax, metric in zip(axes[0], metrics):
+        grid = table.pivot(index="variant", columns="locale", values=metric).reindex(order)
+        sns.heatmap(grid, annot=True, fmt=fmt, cmap="viridis", ax=ax, cbar=False, annot_kws={"fontsize": 7})
+        ax.set_title(metric)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def task_drops(drop: pd.DataFrame) -> plt.Figure:
+    """Change of each metric (points) from the fp32 model to each quantized variant."""
+    fig, ax = plt.subplots(figsize=(10, 4))
+    sns.barplot(data=drop, x="metric", y="delta", hue="variant", ax=ax)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylabel("change vs fp32 (points)")
+    ax.set_title("What quantization costs each task")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def by_length(table: pd.DataFrame, metrics=("id_acc", "dc_acc", "sf_f1")) -> plt.Figure:
+    """Metrics by utterance length (words) and by parts joined, one line per variant."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for ax, grouping in zip(axes, ["words", "n_parts"]):
+        part = table[table.grouping == grouping].melt(id_vars=["variant", "group"], value_vars=list(metrics),
+                                                      var_name="metric", value_name="score")
+        sns.lineplot(data=part, x="group", y="score", hue="metric", style="variant", marker="o", ax=ax)
+        ax.set_title(f"by {grouping}")
+        ax.set_xlabel(grouping)
+        ax.tick_params(axis="x", rotation=30)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    axes[0].get_legend().remove()
+    fig.tight_layout()
+    return fig

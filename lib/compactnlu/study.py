@@ -6,6 +6,7 @@ from .config import Profile
 from .distill import DistillConfig, distill_student
 from .features import StudyData
 from .train import TEACHERS, train_model, train_teacher
+from .variants import register
 
 
 def teachers(profile: Profile, data: StudyData) -> dict:
@@ -13,6 +14,10 @@ def teachers(profile: Profile, data: StudyData) -> dict:
 
 
 def fp32_models(profile: Profile, data: StudyData) -> dict:
-    """``{"baseline": ..., "kd": ...}``: objects with ``.model`` and ``.path`` (trained if missing)."""
-    return {"baseline": train_model(profile, data, "baseline"),
-            "kd": distill_student(profile, data, teachers(profile, data), DistillConfig(), name="kd")}
+    """``{"baseline": ..., "kd": ...}``: objects with ``.model`` and ``.path`` (trained if missing),
+    registered as variants under those names."""
+    models = {"baseline": train_model(profile, data, "baseline"),
+              "kd": distill_student(profile, data, teachers(profile, data), DistillConfig(), name="kd")}
+    for name, trained in models.items():
+        register(profile, name, trained.path)
+    return models

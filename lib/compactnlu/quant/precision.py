@@ -14,7 +14,8 @@ The paper's pieces, and the choices this module makes where the text is silent:
   int16 with float32 scales (``PrecisionLinear``), activations are fake-quantized at run
   time with the same bits.
 - Sensitivity (Algorithm 1, line 8): ``s_g = mean over the group's layers of Var(W)·Var(A)``;
-  it can initialise ``θ`` or, on its own, assign bits by quantile (a no-learning baseline).
+  with the cost it initialises ``θ`` (``controller_prior``) or, on its own, assigns bits by
+  quantile (a no-learning baseline).
 
 Candidate bits: the paper's text says {4, 8, 16}, its Algorithm 1 says {4, 6, 8}; any
 integer width in 2..16 works here, the default is the text's.
@@ -255,7 +256,7 @@ class GumbelController(nn.Module):
 
     One sample serves a whole forward pass: call ``resample(τ)`` once per step, before the
     model's forward; every ``MixedPrecisionLinear`` of a group reads that group's row.
-    ``init=None`` starts uniform (θ = 0); ``sensitivity_init`` gives an informed start.
+    ``init=None`` starts uniform (θ = 0); ``controller_prior`` gives an informed start.
     """
 
     tau_at = staticmethod(tau_at)
@@ -518,19 +519,25 @@ def _rank_fraction(scores: Mapping[str, float]) -> torch.Tensor:
     return ranks / (len(values) - 1) if len(values) > 1 else torch.full_like(values, 0.5)
 
 
-def sensitivity_init(scores: Mapping[str, float], bits: Sequence[int] = DEFAULT_BITS, strength: float = 2.0
-                     ) -> torch.Tensor:
-    """Initial ``θ`` (rows in ``scores``' order) favouring more bits for more sensitive groups.
+def controller_prior(scores: Mapping[str, float], counts: Mapping[str, int], bits: Sequence[int] = DEFAULT_BITS,
+                     lam: float = 0.0, strength: float = 1.0) -> torch.Tensor:
+    """Initial ``θ`` (rows in ``scores``' order): Algorithm 1's ``P(q | s_l, α)`` as logits.
 
-    A group's rank fraction ``r`` in [0, 1] names a target position among the sorted bits;
-    ``θ_gk = -strength · (k/(K-1) - r)^2`` peaks there: the least sensitive group leans to
-    the fewest bits, the most sensitive to the most, ``strength=0`` is uniform.
+    ``θ_gk = strength · (0.5 + r_g) · u_k − λ · b_k · n_g / (32 · N)``: ``u_k`` places the
+    widths on [0, 1] (fewest bits 0, most 1) and ``r_g`` is the group's sensitivity rank on
+    [0, 1], so every group starts leaning to more bits, the sensitive ones more steeply; the
+    second term is the group's share of the search's own cost at ``λ`` (``n_g`` its weights,
+    ``N`` all controlled weights), so a large λ starts the big groups at few bits. Without
+    the cost term, λ = 0 would leave the choice between 8 and 16 bits to a loss that cannot
+    tell them apart on a small model. ``strength=0, lam=0`` is uniform.
     """
-    order = sorted(range(len(bits)), key=lambda k: bits[k])
-    position = torch.empty(len(bits), dtype=torch.float64)
-    position[order] = torch.arange(len(bits), dtype=torch.float64) / max(len(bits) - 1, 1)
+    bit_values = torch.tensor([float(b) for b in bits], dtype=torch.float64)
+    span = bit_values.max() - bit_values.min()
+    u = (bit_values - bit_values.min()) / span if span > 0 else torch.zeros_like(bit_values)
     r = _rank_fraction(scores)
-    return (-strength * (position[None, :] - r[:, None]) ** 2).float()
+    n = torch.tensor([float(counts[g]) for g in scores], dtype=torch.float64)
+    theta = strength * (0.5 + r)[:, None] * u[None, :] - lam * bit_values[None, :] * (n / n.sum())[:, None] / 32.0
+    return theta.float()
 
 
 def sensitivity_policy(scores: Mapping[str, float], bits: Sequence[int] = DEFAULT_BITS) -> dict[str, int]:

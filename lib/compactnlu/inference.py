@@ -1,0 +1,70 @@
+"""``predict("...", variant="kd_pcptq")``: one utterance in, intents, domains and slots out."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .config import Profile, load_profile
+from .features import IGNORE, encode_words, load_study_data
+from .variants import load as load_variant
+
+
+@functools.lru_cache(maxsize=4)
+def _data(profile: Profile):
+    return load_study_data(profile)
+
+
+@functools.lru_cache(maxsize=16)
+def _model(profile: Profile, variant: str):
+    return load_variant(profile, variant).eval()
+
+
+def spans(words: list[str], tags: list[str]) -> list[dict]:
+    """BIO tags to slot spans ``{"slot", "text"}``; an ``I-`` that continues nothing opens a
+    span, as seqeval reads it."""
+    out: list[dict] = []
+    current = None
+    for word, tag in zip(words, tags):
+        if tag == "O":
+            current = None
+            continue
+        slot = tag[2:]
+        if tag.startswith("I-") and current is not None and current["slot"] == slot:
+            current["words"].append(word)
+        else:
+            current = {"slot": slot, "words": [word]}
+            out.append(current)
+    return [{"slot": s["slot"], "text": " ".join(s["words"])} for s in out]
+
+
+@torch.no_grad()
+def predict(text: str, variant: str = "kd_pcptq", profile: str | Profile = "default", threshold: float = 0.5) -> dict:
+    """Intents, domains (labels with probability ≥ ``threshold``, or the most likely one) and
+    slots of ``text`` (words split on whitespace, as MASSIVE's are), by a registered variant
+    of ``profile`` (a name, or a ``Profile`` with overrides)."""
+    words = text.split()
+    if not words:
+        raise ValueError("empty utterance")
+    if isinstance(profile, str):
+        profile = load_profile(profile)
+    data = _data(profile)
+    model = _model(profile, variant)
+    encoded = encode_words(data.tokenizer, [words], [["O"] * len(words)], {"O": 0}, profile.max_length)
+    input_ids = torch.tensor(encoded["input_ids"])
+    labels = torch.tensor(encoded["slot_labels"])
+    out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    result = {"text": text, "variant": variant}
+    for task, key, names in (("id", "intent_logits", data.labels.intents),
+                             ("dc", "domain_logits", data.labels.scenarios)):
+        if task in model.tasks:
+            probs = torch.sigmoid(out[key][0])
+            chosen = (probs >= threshold).nonzero().flatten().tolist() or [int(probs.argmax())]
+            result["intents" if task == "id" else "domains"] = [names[i] for i in chosen]
+    if "sf" in model.tasks:
+        path = model.decode_slots(out["slot_logits"], labels != IGNORE)[0]
+        tags = [data.labels.tags[t] for t in path] + ["O"] * (len(words) - len(path))
+        result["tags"] = tags
+        result["slots"] = spans(words, tags)
+    return result

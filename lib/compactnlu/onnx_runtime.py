@@ -1,0 +1,264 @@
+"""The ONNX Runtime int8 reference: the student exported to ONNX and quantized with
+onnxruntime's dynamic quantization, what a practitioner would deploy on CPU.
+
+Three steps, each a folder the study's size helper (``compactnlu.bench.artifact_size_mb``,
+which counts ``model.*``, ``config.json`` and ``quantization.json``) can measure:
+
+``export_onnx(model, folder)``
+    ``model.onnx`` (fp32; inputs ``input_ids`` and ``attention_mask``, int64 ``[batch, seq]``;
+    outputs only the logits of the model's tasks, in ``TASKS`` order), ``config.json`` and,
+    when the model slot-fills, the CRF's three parameter tensors in ``model.crf.safetensors``.
+``quantize_onnx_dynamic(src_folder, dst_folder)``
+    ORT's pre-processing then ``quantize_dynamic`` (int8 weights, activations quantized on
+    the fly), plus ``quantization.json``; config and CRF copied unchanged.
+``OnnxNLU.load(folder, threads=None)``
+    An ``onnxruntime.InferenceSession`` behind the study's model interface, so
+    ``compactnlu.metrics.predict`` evaluates it like any torch variant. The CRF's Viterbi
+    stays in torch (``BIOCRF.decode``): it is the same decoding rule for every variant,
+    and it is not what quantization changes.
+
+Nothing here unpickles anything: ONNX protobuf, safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .artifacts import atomic_dir
+from .model import TASKS, BIOCRF, MultiTaskNLU, NLUConfig, pack_words
+
+LOGITS = {"id": "intent_logits", "dc": "domain_logits", "sf": "slot_logits"}
+INPUTS = ("input_ids", "attention_mask")
+ONNX_FILE = "model.onnx"
+CRF_FILE = "model.crf.safetensors"  # "model.*": counted by artifact_size_mb like the weights
+OPSET = 20  # what torch 2.13's dynamo exporter emits natively (no version conversion); ORT 1.32 runs it
+PROTOBUF_LIMIT = 2 * 1024**3  # one .onnx file holds at most 2 GiB (xlm-roberta-base fp32 is ~1.1 GB)
+
+# The quantization settings, stated once (and written to quantization.json).
+#  - QInt8 weights (symmetric, signed): ORT's default and what its docs recommend for
+#    dynamic quantization on x86 CPUs (activations are then uint8, the u8s8 kernels).
+#  - per_channel off: measured on the test student (tests/test_onnx_runtime.py, 2 layers,
+#    width 32), per-channel scales did not lower the worst logit error (intent 0.011 vs
+#    0.008, slot 0.024 both) and made the file 3% larger; per-tensor is quantize_dynamic's
+#    default and what a practitioner would get.
+#  - reduce_range off (full 8 bits): 7-bit weights only help on CPUs without VNNI that
+#    saturate in the u8s8 product; the default is kept.
+#  - Every op type ORT quantizes dynamically (op_types_to_quantize left at None): MatMul
+#    with a constant weight (every Linear; the quantizer rewrites the heads' Gemm as MatMul
+#    first) and Gather (the embedding tables, so they shrink as in the torch variants).
+#    Attention's activation x activation MatMuls stay fp32 (MatMulConstBOnly).
+QUANTIZATION = {"method": "onnxruntime_dynamic", "weight_type": "QInt8", "per_channel": False,
+                "reduce_range": False, "pre_process": True}
+
+
+class _LogitsOnly(nn.Module):
+    """``(input_ids, attention_mask) -> logits of the model's tasks``, a tuple in ``TASKS`` order."""
+
+    def __init__(self, model: MultiTaskNLU):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return tuple(out[LOGITS[t]] for t in self.model.tasks)
+
+
+def output_names(tasks) -> list[str]:
+    return [LOGITS[t] for t in TASKS if t in tasks]
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """Keep the exporter's chatter out of notebooks: progress lines, notes about optional
+    torchvision ops, and pytree/axis-name warnings that say nothing about this model."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used.*")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def _example_inputs(model: MultiTaskNLU) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of different lengths (one padded), 2 x 7: neither dimension is 0 or 1, so
+    torch.export cannot specialise batch or sequence length to a constant."""
+    enc = model.encoder.config
+    pad = enc.pad_token_id if enc.pad_token_id is not None else 1
+    body = 5 if enc.vocab_size > 5 else 0
+    ids = torch.full((2, 7), pad, dtype=torch.long)
+    ids[0, :] = body
+    ids[1, :4] = body
+    return ids, (ids != pad).long()
+
+
+def export_onnx(model: MultiTaskNLU, folder: Path | str) -> Path:
+    """Write ``model.onnx`` (fp32, dynamic batch and sequence axes), ``config.json`` and
+    ``model.crf.safetensors`` to ``folder`` (atomically); return the folder.
+
+    Exporter: torch.onnx.export with ``dynamo=True`` (torch 2.13's default, built on
+    torch.export). Both exporters give the same logits for the test models, but the legacy
+    TorchScript tracer warns that transformers' mask code turns tensors into Python bools
+    (``masking_utils``, ``sdpa_attention``), i.e. branches may be frozen to the example's
+    shapes, and it is deprecated. torch.export instead records every shape condition as a
+    guard on the symbolic ``batch``/``seq`` dims and fails loudly if one would specialise
+    them, so a model it exports is dynamic for real.
+
+    Attention: the encoder's own implementation is kept (transformers' default, SDPA);
+    the dynamo exporter lowers SDPA to plain MatMul/Softmax ONNX ops, numerically the same
+    as eager attention, so no ``attn_implementation`` switch is needed.
+
+    The model is copied (to CPU, fp32, eval: dropout off) and left untouched.
+    """
+    folder = Path(folder)
+    net = copy.deepcopy(model).cpu().float().eval()
+    n_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    if n_bytes >= PROTOBUF_LIMIT:
+        raise ValueError(f"{n_bytes / 1e9:.2f} GB of weights do not fit one .onnx file (2 GiB protobuf limit); "
+                         "external-data export is not supported here")
+    wrapper = _LogitsOnly(net).eval()
+    names = output_names(net.tasks)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    with atomic_dir(folder) as tmp, _quiet_export(), torch.no_grad():
+        program = torch.onnx.export(
+            wrapper, _example_inputs(net), dynamo=True, verbose=False, opset_version=OPSET,
+            input_names=list(INPUTS), output_names=names, external_data=False,
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
+        # The exporter annotates every node with its Python stack trace (metadata_props):
+        # debugging text, ~0.3 MB even for a toy model, that would distort the size of small
+        # artifacts. A deployed model does not carry it.
+        for node in program.model.graph.all_nodes():
+            node.metadata_props.clear()
+        program.save(tmp / ONNX_FILE, external_data=False)
+        (tmp / "config.json").write_text(net.config.to_json())
+        if "sf" in net.tasks:
+            save_file({k: v.detach().contiguous() for k, v in net.crf.state_dict().items()}, tmp / CRF_FILE)
+    return folder
+
+
+def quantize_onnx_dynamic(src_folder: Path | str, dst_folder: Path | str) -> Path:
+    """int8 dynamic quantization of ``src_folder/model.onnx`` into ``dst_folder``; return it.
+
+    ORT's pre-processing (``quant_pre_process``: symbolic shape inference, ORT's basic graph
+    optimisation, ONNX shape inference) runs first, as ORT's quantization docs recommend:
+    the quantizer needs tensor shapes, and folding is better done before than during
+    quantization. Settings: ``QUANTIZATION`` above. Config and CRF are copied unchanged.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src_folder), Path(dst_folder)
+    if not (src / ONNX_FILE).is_file():
+        raise FileNotFoundError(f"no {ONNX_FILE} in {src}; run export_onnx first")
+    with atomic_dir(dst) as tmp, tempfile.TemporaryDirectory(prefix="ort-pre-") as scratch:
+        prepared = Path(scratch) / ONNX_FILE
+        quant_pre_process(str(src / ONNX_FILE), str(prepared))
+        quantize_dynamic(prepared, tmp / ONNX_FILE, weight_type=QuantType.QInt8,
+                         per_channel=QUANTIZATION["per_channel"], reduce_range=QUANTIZATION["reduce_range"])
+        for name in ("config.json", CRF_FILE):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        import onnxruntime
+
+        details = {**QUANTIZATION, "onnxruntime": onnxruntime.__version__,
+                   "quantized_ops": _quantized_ops(tmp / ONNX_FILE)}
+        (tmp / "quantization.json").write_text(json.dumps(details, indent=1))
+    return dst
+
+
+def _quantized_ops(path: Path) -> dict[str, int]:
+    """Counts of the integer ops in a quantized graph (what quantization actually touched)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear", "ConvInteger"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+class OnnxNLU:
+    """An ONNX Runtime session that plugs into ``compactnlu.metrics.predict``.
+
+    ``model(**batch)`` reads ``input_ids`` and ``attention_mask`` (other keys are ignored:
+    labels give no loss here) and returns the task logits as float32 torch tensors;
+    ``decode_slots`` runs the torch CRF's Viterbi, rebuilt from ``config.json`` tags and
+    ``model.crf.safetensors``.
+    """
+
+    def __init__(self, session, config: NLUConfig, crf: BIOCRF | None, folder: Path | None = None,
+                 quantization: dict | None = None):
+        self.session = session
+        self.config = config
+        self.crf = crf
+        self.folder = folder
+        self.quantization = quantization
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        expected = output_names(config.tasks)
+        if sorted(self.output_names) != sorted(expected):
+            raise ValueError(f"the ONNX graph outputs {self.output_names}, the config's tasks need {expected}")
+        if "sf" in config.tasks and crf is None:
+            raise ValueError("a slot-filling model needs its CRF")
+
+    @classmethod
+    def load(cls, folder: Path | str, threads: int | None = None) -> "OnnxNLU":
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        config = NLUConfig.from_json((folder / "config.json").read_text())
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(folder / ONNX_FILE), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+        crf = None
+        if "sf" in config.tasks:
+            crf = BIOCRF(config.tags)
+            crf.load_state_dict(load_file(folder / CRF_FILE))
+            crf.eval()
+        quant_file = folder / "quantization.json"
+        quantization = json.loads(quant_file.read_text()) if quant_file.is_file() else None
+        return cls(session, config, crf, folder, quantization)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.config.tasks
+
+    @property
+    def threads(self) -> int:
+        return int(self.session.get_session_options().intra_op_num_threads)
+
+    def eval(self) -> "OnnxNLU":
+        return self
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> dict[str, torch.Tensor]:
+        given = {"input_ids": input_ids, "attention_mask": attention_mask}
+        feeds = {name: np.ascontiguousarray(given[name].detach().cpu().numpy(), dtype=np.int64)
+                 for name in self.input_names}
+        outputs = self.session.run(self.output_names, feeds)
+        return {name: torch.from_numpy(np.asarray(value, dtype=np.float32))
+                for name, value in zip(self.output_names, outputs)}
+
+    def decode_slots(self, slot_logits: torch.Tensor, word_mask: torch.Tensor) -> list[list[int]]:
+        """Viterbi tag ids of each example's words (``MultiTaskNLU.decode_slots``'s rule)."""
+        packed, mask = pack_words(slot_logits, word_mask)
+        return self.crf.decode(packed, mask=mask)

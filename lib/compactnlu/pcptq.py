@@ -1,0 +1,119 @@
+"""Notebook 07's study: precision-controlled PTQ policies of a trained model, searched, exported,
+measured, and one of them picked by a rule fixed before any test number is seen.
+
+Every candidate (a λ of the search, a uniform bit-width, the sensitivity-only policy) is
+saved with ``save_quantized(method="precision")`` under ``artifacts/quantized/``, keyed by
+the fp32 model it came from and every setting of its search, so a rerun reloads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+from torch import nn
+
+from .artifacts import atomic_write, read_json, write_json
+from .bench import artifact_size_mb
+from .metrics import METRIC_COLUMNS, predict, task_metrics
+from .quant.common import load_quantized, quantized_dir, save_quantized
+from .quant.search import (
+    SearchConfig, export_policy, model_bytes, search_policy, sensitivity_only_policy, uniform_policy,
+)
+from .train import collator_for
+
+# The selection rule, fixed before looking at test numbers.
+SELECTION_RULE = ("the smallest artifact whose dev id_acc and sf_f1 are both within {tolerance:.0%} "
+                  "(absolute) of its fp32 model's dev numbers; if none is, the one with the best mean of the two")
+
+
+@dataclass
+class Candidate:
+    model: str  # the fp32 model it quantizes: "kd" or "baseline"
+    policy_name: str  # "lambda=0.5", "uniform-4", "sensitivity"
+    lam: float | None
+    policy: dict[str, int]
+    folder: Path
+    quantized: nn.Module
+    history: pd.DataFrame | None = None  # the search's steps (λ candidates only)
+
+
+def _saved(folder: Path) -> tuple[dict, pd.DataFrame | None]:
+    details = read_json(folder / "quantization.json")
+    history = folder / "search_history.csv"
+    return details, (pd.read_csv(history) if history.exists() else None)
+
+
+def searched(profile, data, cache, name: str, trained, config: SearchConfig) -> Candidate:
+    """Algorithm 1 on ``trained.model`` at ``config.lam`` (loaded when already done)."""
+    details = {**config.details(), "source": Path(trained.path).name}
+    folder = quantized_dir(profile, f"{name}_pcptq", details)
+    label = f"lambda={config.lam:g}"
+    if not folder.exists():
+        result = search_policy(trained.model, data, cache, collator_for(data), config, desc=f"{name} {label}")
+        save_quantized(result.model, folder, "precision", {**details, "policy": result.policy,
+                                                            "probabilities": result.probabilities.to_dict("index")})
+        atomic_write(folder / "search_history.csv", lambda tmp: result.history.to_csv(tmp, index=False))
+    saved, history = _saved(folder)
+    return Candidate(name, label, config.lam, saved["policy"], folder, load_quantized(folder), history)
+
+
+def fixed(profile, name: str, trained, policy_name: str, policy: dict[str, int], config: SearchConfig) -> Candidate:
+    """A policy applied to the trained weights as they are (no search, no fine-tuning)."""
+    details = {"policy": policy, "per_channel": config.per_channel, "per_layer": config.per_layer,
+               "embedding": config.embedding, "source": Path(trained.path).name}
+    folder = quantized_dir(profile, f"{name}_{policy_name}", details)
+    if not folder.exists():
+        quantized = export_policy(trained.model, policy, config.per_layer, config.embedding, config.per_channel)
+        save_quantized(quantized, folder, "precision", details)
+    return Candidate(name, policy_name, None, policy, folder, load_quantized(folder))
+
+
+def candidates(profile, data, cache, name: str, trained, config: SearchConfig, lambdas) -> list[Candidate]:
+    """The λ sweep, the uniform policies at each candidate width, and the sensitivity-only policy."""
+    out = [searched(profile, data, cache, name, trained, replace(config, lam=float(lam))) for lam in lambdas]
+    for bits in config.bits:
+        out.append(fixed(profile, name, trained, f"uniform-{bits}",
+                         uniform_policy(trained.model, bits, config.per_layer, config.embedding), config))
+    policy, _ = sensitivity_only_policy(trained.model, data, cache, collator_for(data), config)
+    out.append(fixed(profile, name, trained, "sensitivity", policy, config))
+    return out
+
+
+def split_metrics(model: nn.Module, data, split: str) -> dict[str, float]:
+    """The six metrics on a whole composed split (``dev`` for choosing, ``test`` for reporting)."""
+    df = predict(model, data.features[split], collator_for(data), data.labels, desc=split)
+    return {k: v for k, v in task_metrics(df, data.labels).items() if k in METRIC_COLUMNS}
+
+
+def measure(candidate: Candidate, data, cache_dir: Path) -> dict:
+    """Sizes, and dev and test metrics of one candidate (cached beside its artifact)."""
+    path = Path(cache_dir) / f"{candidate.folder.name}.json"
+    if path.exists():
+        return read_json(path)
+    sizes = model_bytes(candidate.quantized)
+    row = {"model": candidate.model, "policy": candidate.policy_name, "lam": candidate.lam,
+           "size_mb": artifact_size_mb(candidate.folder), "floor_mb": sizes["floor"] / 1e6,
+           "dev": split_metrics(candidate.quantized, data, "dev"),
+           "test": split_metrics(candidate.quantized, data, "test"), "folder": candidate.folder.name}
+    write_json(path, row)
+    return row
+
+
+def sweep_table(rows: list[dict]) -> pd.DataFrame:
+    """``pcptq_sweep.csv``: test metrics, plus the dev metrics the selection used (``dev_`` columns)."""
+    records = [{k: r[k] for k in ("model", "lam", "policy", "size_mb", "floor_mb")} | r["test"]
+               | {f"dev_{m}": r["dev"][m] for m in ("id_acc", "sf_f1")} for r in rows]
+    return pd.DataFrame(records)[["model", "lam", "policy", "size_mb", "floor_mb", *METRIC_COLUMNS,
+                                  "dev_id_acc", "dev_sf_f1"]]
+
+
+def select(sweep: pd.DataFrame, reference_dev: dict[str, float], model: str, tolerance: float = 0.01) -> pd.Series:
+    """Apply ``SELECTION_RULE`` to ``model``'s rows of the sweep (dev columns only)."""
+    rows = sweep[sweep.model == model]
+    close = rows[(rows.dev_id_acc >= reference_dev["id_acc"] - tolerance)
+                 & (rows.dev_sf_f1 >= reference_dev["sf_f1"] - tolerance)]
+    if len(close):
+        return close.sort_values(["size_mb", "dev_id_acc"], ascending=[True, False]).iloc[0]
+    return rows.loc[(rows.dev_id_acc + rows.dev_sf_f1).idxmax()]

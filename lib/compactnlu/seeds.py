@@ -1,0 +1,57 @@
+"""The PTQ stage repeated over seeds, for Welch's test in notebook 10.
+
+What a seed varies here: the sample and order of the calibration batches of static PTQ, and
+the batch order and Gumbel noise of the precision search (with its fine-tuning). The fp32
+models are trained once: a training seed costs about ten minutes of this machine per model,
+more than the significance notebook's budget (the paper profile can afford both).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from .artifacts import read_json, write_json
+from .pcptq import searched, split_metrics
+from .quant import calibration_batches, quantize_static
+from .quant.search import SearchConfig
+from .train import collator_for
+
+
+def _cached(profile, kind: str, details: dict, run) -> dict:
+    blob = json.dumps({"profile": profile.result_key, **details}, sort_keys=True, default=str)
+    path = profile.artifacts_dir / "seed_runs" / f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.json"
+    if not path.exists():
+        write_json(path, run())
+    return read_json(path)
+
+
+def static_seed(profile, data, name: str, trained, seed: int, n_batches: int = 256) -> dict:
+    """Test metrics of ``name`` statically quantized on calibration batches drawn with ``seed``."""
+    def run():
+        batches = calibration_batches(data, collator_for(data), profile.batch_size, seed)
+        quantized, _ = quantize_static(trained.model, batches, n_batches)
+        return split_metrics(quantized, data, "test")
+    return _cached(profile, f"{name}_static", {"source": Path(trained.path).name, "seed": seed,
+                                               "n_batches": n_batches}, run)
+
+
+def pcptq_seed(profile, data, cache, name: str, trained, config: SearchConfig, seed: int) -> dict:
+    """Test metrics of the precision search of ``name`` at ``config`` with ``seed``."""
+    def run():
+        candidate = searched(profile, data, cache, name, trained, replace(config, seed=seed))
+        return split_metrics(candidate.quantized, data, "test")
+    return _cached(profile, f"{name}_pcptq", {"source": Path(trained.path).name, "config": config.details(),
+                                              "seed": seed}, run)
+
+
+def selected_search(folder: Path | str) -> SearchConfig | None:
+    """The search settings of a saved ``*_pcptq`` artifact; ``None`` when its policy was not searched."""
+    details = read_json(Path(folder) / "quantization.json")
+    if "search" not in details:
+        return None
+    search = dict(details["search"])
+    search["bits"] = tuple(search["bits"])
+    return SearchConfig(**search)

@@ -1,0 +1,82 @@
+"""``compactnlu.bench``: what the harness measures and how (never how fast anything is)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from compactnlu import bench
+from compactnlu.model import MultiTaskNLU, NLUConfig
+from compactnlu.paper import TABLE2, relative_to_baseline
+
+ENCODER = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               max_position_embeddings=40, pad_token_id=1, type_vocab_size=1)
+
+
+class Counting(torch.nn.Module):
+    """A stand-in model that records the order it was called in."""
+
+    tasks = ("id",)
+
+    def __init__(self, name: str, log: list):
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, input_ids, attention_mask):
+        self.log.append(self.name)
+        return {"intent_logits": torch.zeros(len(input_ids), 3)}
+
+
+def test_artifact_size_counts_deployed_files_only(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "model.crf.safetensors").write_bytes(b"x" * 200)
+    (tmp_path / "config.json").write_bytes(b"x" * 30)
+    (tmp_path / "training.json").write_bytes(b"x" * 5000)  # a log, not deployed
+    assert bench.artifact_size_mb(tmp_path) == pytest.approx(1230 / 1e6)
+    with pytest.raises(FileNotFoundError):
+        bench.artifact_size_mb(tmp_path / "missing")
+
+
+def test_passes_are_interleaved_in_rotated_order():
+    log: list = []
+    models = {n: Counting(n, log) for n in "abc"}
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    passes = bench.time_passes(models, [batch], repeats=3, warmup=0)
+    assert log == list("abc" "bca" "cab")
+    assert len(passes) == 9 and (passes.seconds > 0).all()
+    assert passes.groupby("variant").size().tolist() == [3, 3, 3]
+
+
+def test_summary_takes_medians_and_percentiles():
+    passes = pd.DataFrame({"variant": ["a"] * 3 + ["b"] * 3, "repeat": [0, 1, 2] * 2,
+                           "seconds": [1.0, 3.0, 2.0, 10.0, 30.0, 20.0]})
+    latencies = pd.DataFrame({"variant": ["a"] * 100 + ["b"] * 100, "ms": list(range(100)) * 2})
+    throughput = pd.DataFrame({"variant": ["a", "b"], "seconds": [2.0, 4.0]})
+    out = bench.summarise(passes, latencies, throughput, n_throughput=64).set_index("variant")
+    assert out.inference_s["a"] == 2.0 and out.inference_min_s["b"] == 10.0 and out.inference_max_s["b"] == 30.0
+    assert out.latency_p50_ms["a"] == pytest.approx(49.5) and out.latency_p95_ms["a"] == pytest.approx(94.05)
+    assert out.throughput.tolist() == [32.0, 16.0]
+
+
+def test_infer_runs_a_real_model_with_viterbi():
+    torch.manual_seed(0)
+    model = MultiTaskNLU(NLUConfig(n_intents=4, n_domains=3, tags=("O", "B-a", "I-a"), encoder=dict(ENCODER))).eval()
+    ids = torch.randint(3, 50, (2, 6))
+    word_mask = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0]]).bool()
+    answer = bench.infer(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "word_mask": word_mask})
+    assert [len(p) for p in answer["sf"]] == [3, 1]
+    assert answer["id"].shape[1] == 2 and answer["dc"].shape[1] == 2  # (row, label) pairs
+
+
+def test_relative_to_baseline_on_the_papers_table():
+    rel = relative_to_baseline(TABLE2).set_index("variant")
+    assert rel.size_vs_baseline["baseline"] == 1.0
+    assert rel.size_vs_baseline["kd_pcptq"] == pytest.approx(428.25 / 1064.80)
+    assert rel.time_vs_baseline["kd_pcptq"] == pytest.approx(76.34 / 232.24)
+    assert rel.id_acc_diff["kd_pcptq"] == pytest.approx(0.9991 - 0.9481)
+
+
+def test_environment_names_the_machine_and_versions():
+    env = bench.environment()
+    assert env["torch"].startswith("2.13") and env["cores"] >= 1 and env["torch_threads"] >= 1

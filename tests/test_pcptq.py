@@ -1,0 +1,168 @@
+"""Algorithm 1 on the smoke profile: the controller answers λ, a searched policy exports and
+reloads exactly, the fast path agrees with the paper's path, the selection rule picks what it
+says; plus the study registry and the ``predict`` helper on the same trained models.
+
+Everything trains once per module in a temporary artifacts folder (tiny smoke models, one thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from compactnlu import pcptq, variants
+from compactnlu.config import load_profile
+from compactnlu.distill import cached_teacher_outputs
+from compactnlu.features import build_study_data
+from compactnlu.inference import predict, spans
+from compactnlu.quant import load_quantized
+from compactnlu.quant.fast import DequantizedLinear, Int4PackLinear, IntMatmulLinear, agreement, to_fast
+from compactnlu.quant.precision import PrecisionLinear, group_param_counts, precision_groups
+from compactnlu.quant.search import (SearchConfig, bits_share, export_policy, model_bytes, policy_table,
+                                     search_policy, uniform_policy)
+from compactnlu.study import fp32_models, teachers
+from compactnlu.train import collator_for
+
+SMOKE = {"epochs": 1, "teacher_epochs": 1, "kd_epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pcptq") / "artifacts"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COMPACTNLU_ARTIFACTS", str(folder))
+        yield load_profile("smoke", SMOKE)
+
+
+@pytest.fixture(scope="module")
+def data(profile):
+    return build_study_data(profile)
+
+
+@pytest.fixture(scope="module")
+def models(profile, data):
+    return fp32_models(profile, data)
+
+
+@pytest.fixture(scope="module")
+def cache(profile, data, models):
+    return cached_teacher_outputs(teachers(profile, data), data, "train", profile.artifacts_dir / "teacher_cache",
+                                  collator_for(data))
+
+
+def share_at(result, bits: int, model) -> float:
+    counts = group_param_counts(precision_groups(model, embedding=True))
+    return bits_share(result.policy, counts).get(bits, 0.0)
+
+
+def test_the_controller_answers_lambda(data, models, cache):
+    model = models["kd"].model
+    free = search_policy(model, data, cache, collator_for(data), SearchConfig(lam=0.0, steps=20))
+    costly = search_policy(model, data, cache, collator_for(data), SearchConfig(lam=20.0, steps=20))
+    # "mostly" counts weights, as the cost does: the tiny heads matter little to it
+    assert share_at(free, 16, model) > 0.9 and share_at(costly, 4, model) > 0.9, (free.policy, costly.policy)
+    assert list(free.policy.values()).count(16) > len(free.policy) / 2, free.policy
+    assert list(costly.policy.values()).count(4) >= len(costly.policy) / 2, costly.policy
+    assert model_bytes(costly.model)["stored"] < model_bytes(free.model)["stored"]
+    # the cost term is what moved it: the expected cost falls during the costly search
+    assert costly.history.expected_cost.iloc[-1] < costly.history.expected_cost.iloc[0]
+    assert set(free.probabilities.columns) == {"p4", "p8", "p16"}
+    assert free.history.step.tolist() == list(range(20)) and free.history.notna().all().all()
+
+
+def test_the_search_leaves_the_fp32_model_alone(data, models, cache):
+    model = models["kd"].model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    search_policy(model, data, cache, collator_for(data), SearchConfig(lam=1.0, steps=3, weight_lr=1e-2))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_candidates_save_reload_exactly_and_are_reused(profile, data, models, cache):
+    config = SearchConfig(steps=5)
+    found = pcptq.candidates(profile, data, cache, "kd", models["kd"], config, (0.0, 20.0))
+    assert [c.policy_name for c in found] == ["lambda=0", "lambda=20", "uniform-4", "uniform-8", "uniform-16",
+                                             "sensitivity"]
+    collate = collator_for(data)
+    batch = collate([data.features["dev"][i] for i in range(8)])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    for c in found:
+        reloaded = load_quantized(c.folder)
+        a, b = c.quantized(**inputs), reloaded(**inputs)
+        assert all(torch.equal(a[k], b[k]) for k in ("intent_logits", "domain_logits", "slot_logits"))
+    again = pcptq.searched(profile, data, cache, "kd", models["kd"], dataclasses.replace(config, lam=20.0))
+    assert again.folder == found[1].folder and again.history is not None
+    assert again.folder.stat().st_mtime == found[1].folder.stat().st_mtime  # loaded, not searched again
+
+
+def test_stored_bytes_match_the_floor_for_even_int4_and_shrink_with_bits(models):
+    model = models["kd"].model
+    sizes = {b: model_bytes(export_policy(model, uniform_policy(model, b))) for b in (4, 8, 16)}
+    assert sizes[4]["stored"] < sizes[8]["stored"] < sizes[16]["stored"]
+    assert all(s["floor"] <= s["stored"] for s in sizes.values())
+    assert sizes[8]["stored"] == sizes[8]["floor"]  # whole bytes: nothing to round up
+
+
+def test_fast_path_agrees_with_the_paper_path(data, models):
+    model = models["kd"].model
+    collate = collator_for(data)
+    dev = data.features["dev"]
+    batches = [collate([dev[i] for i in range(s, s + 16)]) for s in range(0, 48, 16)]
+    policy = {g: (4, 8, 16)[i % 3] for i, g in enumerate(uniform_policy(model, 8))}
+    paper_path = export_policy(model, policy)
+    fast = to_fast(paper_path)
+    kinds = {type(m) for m in fast.modules()}
+    assert {IntMatmulLinear, DequantizedLinear} <= kinds and PrecisionLinear not in kinds
+    result = agreement(paper_path, fast, batches)
+    assert result["same_id"] == result["same_dc"] == result["same_sf"] == 1.0
+    assert result["max_abs_diff:intent_logits"] < 1e-3
+    int4 = to_fast(export_policy(model, uniform_policy(model, 4)), "int4pack")
+    assert any(isinstance(m, Int4PackLinear) for m in int4.modules())
+    with pytest.raises(ValueError):
+        to_fast(paper_path, "int3")
+
+
+def test_selection_rule_picks_the_smallest_close_enough_on_dev():
+    sweep = pd.DataFrame([
+        {"model": "kd", "policy": "a", "size_mb": 1.0, "dev_id_acc": 0.500, "dev_sf_f1": 0.700},
+        {"model": "kd", "policy": "b", "size_mb": 0.5, "dev_id_acc": 0.495, "dev_sf_f1": 0.695},
+        {"model": "kd", "policy": "c", "size_mb": 0.2, "dev_id_acc": 0.480, "dev_sf_f1": 0.700},  # too far on ID
+        {"model": "baseline", "policy": "d", "size_mb": 0.1, "dev_id_acc": 0.9, "dev_sf_f1": 0.9},
+    ])
+    assert pcptq.select(sweep, {"id_acc": 0.50, "sf_f1": 0.70}, "kd").policy == "b"
+    # nobody close: the best mean of the two wins
+    assert pcptq.select(sweep, {"id_acc": 0.90, "sf_f1": 0.90}, "kd").policy == "a"
+
+
+def test_policy_table_is_component_by_layer():
+    table = policy_table({"layer0.attention": 4, "layer1.attention": 8, "layer0.mlp": 16, "layer1.mlp": 4,
+                          "head.id": 8, "embedding": 4})
+    assert table.loc["attention", "1"] == 8 and table.loc["mlp", "0"] == 16 and table.loc["head.id", "all"] == 8
+    assert list(table.index)[-1] == "head.id"
+
+
+def test_variants_are_registered_and_loaded_by_name(profile, models):
+    assert variants.folder_of(profile, "kd") == models["kd"].path.resolve()
+    with pytest.raises(KeyError, match="run notebook 07 first"):
+        variants.folder_of(profile, "kd_pcptq")
+    with pytest.raises(ValueError):
+        variants.register(profile, "x", models["kd"].path, runtime="gpu")
+
+
+def test_predict_helper_answers_an_utterance(profile, data, models):
+    text = data.features["test"][0]["utt"]
+    answer = predict(text, variant="kd", profile=profile)
+    assert answer["intents"] and set(answer["intents"]) <= set(data.labels.intents)
+    assert set(answer["domains"]) <= set(data.labels.scenarios)
+    assert len(answer["tags"]) == len(text.split())
+    with pytest.raises(ValueError):
+        predict("   ", variant="kd", profile=profile)
+
+
+def test_spans_read_bio_like_seqeval():
+    words = ["wake", "me", "at", "five", "am", "tomorrow"]
+    tags = ["O", "O", "O", "B-time", "I-time", "I-date"]
+    assert spans(words, tags) == [{"slot": "time", "text": "five am"}, {"slot": "date", "text": "tomorrow"}]
+    assert spans(["a", "b"], ["I-x", "I-x"]) == [{"slot": "x", "text": "a b"}]

@@ -80,3 +80,14 @@ def test_relative_to_baseline_on_the_papers_table():
 def test_environment_names_the_machine_and_versions():
     env = bench.environment()
     assert env["torch"].startswith("2.13") and env["cores"] >= 1 and env["torch_threads"] >= 1
+
+
+def test_time_split_separates_forward_and_viterbi():
+    torch.manual_seed(0)
+    model = MultiTaskNLU(NLUConfig(n_intents=4, n_domains=3, tags=("O", "B-a", "I-a"), encoder=dict(ENCODER))).eval()
+    ids = torch.randint(3, 50, (3, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "word_mask": torch.ones_like(ids).bool()}
+    split = bench.time_split({"a": model, "b": model}, [batch, batch], repeats=3).set_index("variant")
+    assert list(split.index) == ["a", "b"]
+    assert (split.forward_s > 0).all() and (split.viterbi_s > 0).all()
+    assert ((split.viterbi_share > 0) & (split.viterbi_share < 1)).all()

@@ -183,3 +183,25 @@ def environment() -> dict:
 if __name__ == "__main__":
     name, overrides, variant, n, size, threads = sys.argv[1:7]
     print(json.dumps(_memory_probe(name, json.loads(overrides), variant, int(n), int(size), int(threads))))
+
+
+@torch.no_grad()
+def time_split(models: dict, batches: list[dict], repeats: int = 2) -> pd.DataFrame:
+    """Where a pass goes: seconds in the forward pass and in the Viterbi decoding, per variant
+    (median over ``repeats`` interleaved passes, after one warm-up batch)."""
+    rows = []
+    for name, model in models.items():
+        infer(model, batches[0])
+    for r, order in _rotations(list(models), repeats):
+        for name in order:
+            model = models[name]
+            start = time.perf_counter()
+            outputs = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in batches]
+            middle = time.perf_counter()
+            for out, b in zip(outputs, batches):
+                model.decode_slots(out["slot_logits"], b["word_mask"])
+            rows.append({"variant": name, "repeat": r, "forward_s": middle - start,
+                         "viterbi_s": time.perf_counter() - middle})
+    out = pd.DataFrame(rows).groupby("variant")[["forward_s", "viterbi_s"]].median()
+    out["viterbi_share"] = out.viterbi_s / (out.forward_s + out.viterbi_s)
+    return out.reset_index()

@@ -51,6 +51,8 @@ def run(profile: str = "default", overrides: dict | None = None, *, force: bool 
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "state.json"
     state = read_json(state_path) if state_path.exists() else {}
+    # The study's own run times go beside its tables; a custom notebook list keeps them in out_dir.
+    times_path = (load_profile(profile, overrides).tables_dir if notebooks is None else out_dir) / "notebook_times.csv"
     rows = []
     for notebook in notebooks or numbered_notebooks():
         if only and not any(notebook.name.startswith(o) for o in only):
@@ -78,11 +80,9 @@ def run(profile: str = "default", overrides: dict | None = None, *, force: bool 
         state[notebook.name] = {"hash": digest, "seconds": seconds,
                                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         write_json(state_path, state)
+        _record_times(state, times_path)  # after each stage, so a run that stops later keeps them
         print(f"[done] {notebook.name} in {seconds:.0f} s", flush=True)
         rows.append({"notebook": notebook.name, "status": "ran", "seconds": seconds})
-    # The study's own run times go beside its tables; a custom notebook list keeps them in out_dir.
-    tables = load_profile(profile, overrides).tables_dir if notebooks is None else out_dir
-    _record_times(state, tables / "notebook_times.csv")
     return pd.DataFrame(rows)
 
 

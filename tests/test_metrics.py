@@ -11,7 +11,7 @@ import pytest
 
 from compactnlu.compose import LabelSpace
 from compactnlu.metrics import (
-    METRIC_COLUMNS, _decide, by_locale, load_predictions, massive_metrics, save_predictions, task_metrics,
+    METRIC_COLUMNS, decide_sets, by_locale, load_predictions, massive_metrics, save_predictions, task_metrics,
 )
 
 LABELS = LabelSpace(intents=("a", "b", "c"), scenarios=("x", "y"), slot_types=("t", "u"))
@@ -55,19 +55,19 @@ def toy() -> pd.DataFrame:
 
 def test_decide_takes_every_label_at_or_above_threshold():
     probs = np.array([[0.6, 0.7, 0.1], [0.5, 0.1, 0.5], [0.9, 0.95, 0.99]])
-    assert _decide(probs, 0.5) == [[0, 1], [0, 2], [0, 1, 2]]
+    assert decide_sets(probs, 0.5) == [[0, 1], [0, 2], [0, 1, 2]]
 
 
 def test_decide_falls_back_to_the_argmax():
     probs = np.array([[0.2, 0.4, 0.3], [0.01, 0.02, 0.49], [0.6, 0.1, 0.2]])
-    assert _decide(probs, 0.5) == [[1], [2], [0]]
-    assert _decide(probs, 0.7) == [[1], [2], [0]]
-    assert _decide(probs, 0.25) == [[1, 2], [2], [0]]
+    assert decide_sets(probs, 0.5) == [[1], [2], [0]]
+    assert decide_sets(probs, 0.7) == [[1], [2], [0]]
+    assert decide_sets(probs, 0.25) == [[1, 2], [2], [0]]
 
 
 def test_decide_does_not_change_its_input():
     probs = np.array([[0.2, 0.4]])
-    _decide(probs, 0.5)
+    decide_sets(probs, 0.5)
     assert probs.tolist() == [[0.2, 0.4]]
 
 

@@ -8,6 +8,7 @@ import torch
 
 from .config import Profile, load_profile
 from .features import IGNORE, encode_words, load_study_data
+from .metrics import decide_sets
 from .variants import load as load_variant
 
 
@@ -59,8 +60,7 @@ def predict(text: str, variant: str = "kd_pcptq", profile: str | Profile = "defa
     for task, key, names in (("id", "intent_logits", data.labels.intents),
                              ("dc", "domain_logits", data.labels.scenarios)):
         if task in model.tasks:
-            probs = torch.sigmoid(out[key][0])
-            chosen = (probs >= threshold).nonzero().flatten().tolist() or [int(probs.argmax())]
+            chosen = decide_sets(torch.sigmoid(out[key]).numpy(), threshold)[0]
             result["intents" if task == "id" else "domains"] = [names[i] for i in chosen]
     if "sf" in model.tasks:
         path = model.decode_slots(out["slot_logits"], labels != IGNORE)[0]

@@ -29,7 +29,7 @@ from .compose import LabelSpace
 METRIC_COLUMNS = ["id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1"]
 
 
-def _decide(probs: np.ndarray, threshold: float) -> list[list[int]]:
+def decide_sets(probs: np.ndarray, threshold: float) -> list[list[int]]:
     chosen = probs >= threshold
     chosen[np.arange(len(probs)), probs.argmax(1)] |= ~chosen.any(1)
     return [np.flatnonzero(row).tolist() for row in chosen]
@@ -63,8 +63,8 @@ def predict(model, dataset, collator, labels: LabelSpace, batch_size: int = 128,
         intent_probs = torch.sigmoid(out["intent_logits"]).numpy() if "id" in tasks else None
         domain_probs = torch.sigmoid(out["domain_logits"]).numpy() if "dc" in tasks else None
         paths = model.decode_slots(out["slot_logits"], word_mask) if "sf" in tasks else None
-        intent_sets = _decide(intent_probs, threshold) if intent_probs is not None else None
-        domain_sets = _decide(domain_probs, threshold) if domain_probs is not None else None
+        intent_sets = decide_sets(intent_probs, threshold) if intent_probs is not None else None
+        domain_sets = decide_sets(domain_probs, threshold) if domain_probs is not None else None
         for j, i in enumerate(idx):
             row = {}
             if intent_sets is not None:

@@ -8,21 +8,19 @@ more than the significance notebook's budget (the paper profile can afford both)
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import replace
 from pathlib import Path
 
 from .artifacts import read_json, write_json
 from .pcptq import searched, split_metrics
 from .quant import calibration_batches, quantize_static
+from .quant.common import keyed_path
 from .quant.search import SearchConfig
 from .train import collator_for
 
 
 def _cached(profile, kind: str, details: dict, run) -> dict:
-    blob = json.dumps({"profile": profile.result_key, **details}, sort_keys=True, default=str)
-    path = profile.artifacts_dir / "seed_runs" / f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.json"
+    path = keyed_path(profile, "seed_runs", kind, details).with_suffix(".json")
     if not path.exists():
         write_json(path, run())
     return read_json(path)

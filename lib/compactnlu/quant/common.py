@@ -96,9 +96,14 @@ def calibration_batches(data, collator, batch_size: int, seed: int):
         yield collator([train[int(i)] for i in order[start:start + batch_size]])
 
 
-def quantized_dir(profile, variant: str, details: dict) -> Path:
-    """``artifacts/quantized/<variant>-<key>``: keyed by the profile and the method's settings."""
+def keyed_path(profile, kind: str, name: str, details: dict) -> Path:
+    """``artifacts/<kind>/<name>-<key>``, keyed by the profile's results and ``details``."""
     import hashlib
 
     blob = json.dumps({"profile": profile.result_key, **details}, sort_keys=True, default=str)
-    return profile.artifacts_dir / "quantized" / f"{variant}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    return profile.artifacts_dir / kind / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def quantized_dir(profile, variant: str, details: dict) -> Path:
+    """``artifacts/quantized/<variant>-<key>``: keyed by the profile and the method's settings."""
+    return keyed_path(profile, "quantized", variant, details)

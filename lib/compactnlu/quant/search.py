@@ -101,6 +101,15 @@ def group_sensitivity(model: nn.Module, groups: Groups, batches: Sequence[Mappin
     return sensitivity_scores(groups, activation_variance(model, groups, [_inputs(b) for b in batches]))
 
 
+def _groups_and_sensitivity(model: nn.Module, data, cache: dict, collator, config: SearchConfig):
+    """The model's groups, the calibration batches (endless), and each group's sensitivity
+    on the first ``config.sensitivity_batches`` of them."""
+    groups = precision_groups(model, per_layer=config.per_layer, embedding=config.embedding)
+    batches = teacher_batches(data, cache, collator, config.batch_size, config.seed)
+    scores = group_sensitivity(model, groups, list(itertools.islice(batches, config.sensitivity_batches)))
+    return groups, batches, scores
+
+
 def search_policy(model: nn.Module, data, cache: dict, collator, config: SearchConfig = SearchConfig(),
                   desc: str = "search") -> SearchResult:
     """Run Algorithm 1 on a copy of ``model`` (left as it is) and return the frozen, exported result.
@@ -109,10 +118,8 @@ def search_policy(model: nn.Module, data, cache: dict, collator, config: SearchC
     (``compactnlu.distill.cached_teacher_outputs``); ``collator``: the study's collator.
     """
     torch.manual_seed(config.seed)
-    groups = precision_groups(model, per_layer=config.per_layer, embedding=config.embedding)
+    groups, batches, scores = _groups_and_sensitivity(model, data, cache, collator, config)
     counts = group_param_counts(groups)
-    batches = teacher_batches(data, cache, collator, config.batch_size, config.seed)
-    scores = group_sensitivity(model, groups, list(itertools.islice(batches, config.sensitivity_batches)))
     controller = GumbelController(list(groups), config.bits,
                                   controller_prior(scores, counts, config.bits, config.lam, config.sensitivity_strength))
     mixed = apply_mixed(model, groups, controller, per_channel=config.per_channel).eval()
@@ -156,9 +163,7 @@ def sensitivity_only_policy(model: nn.Module, data, cache: dict, collator, confi
                             ) -> tuple[dict[str, int], dict[str, float]]:
     """Algorithm 1's sensitivity score alone: groups cut into equal quantiles, the least
     sensitive getting the fewest bits (no controller, no training)."""
-    groups = precision_groups(model, per_layer=config.per_layer, embedding=config.embedding)
-    batches = teacher_batches(data, cache, collator, config.batch_size, config.seed)
-    scores = group_sensitivity(model, groups, list(itertools.islice(batches, config.sensitivity_batches)))
+    _, _, scores = _groups_and_sensitivity(model, data, cache, collator, config)
     return sensitivity_policy(scores, config.bits), scores
 
 

@@ -241,9 +241,10 @@ TAGS = ("O", "B-a", "I-a", "B-b", "I-b")
 N_INTENTS, N_DOMAINS, TEACHER_HIDDEN = 4, 3, 8
 
 
-def tiny_distiller(seed: int = 0, **config) -> Distiller:
+def tiny_distiller(seed: int = 0, loss_weights: dict | None = None, **config) -> Distiller:
     torch.manual_seed(seed)
-    student = MultiTaskNLU(NLUConfig(n_intents=N_INTENTS, n_domains=N_DOMAINS, tags=TAGS, encoder=dict(ENCODER)))
+    student = MultiTaskNLU(NLUConfig(n_intents=N_INTENTS, n_domains=N_DOMAINS, tags=TAGS, encoder=dict(ENCODER),
+                                     loss_weights=loss_weights or {"id": 1.0, "dc": 1.0, "sf": 1.0}))
     return Distiller(student, DistillConfig(fusion_hidden=8, **config), TEACHER_HIDDEN)
 
 
@@ -277,14 +278,17 @@ FUSION_PARAMS = [f"fusion.{task}.{layer}.weight" for task in ("id", "dc", "sf")
 
 
 def test_distiller_terms_total_and_gradients(batch):
-    distiller = tiny_distiller().train()
+    w = {"id": 10.0, "dc": 3.0, "sf": 1.5}  # the student's per-task loss weights scale its CE and KD terms alike
+    distiller = tiny_distiller(loss_weights=w).train()
     out = distiller(**batch)
     terms = out["terms"]
     assert set(terms) == {"ce_id", "ce_dc", "ce_sf", "kd_id", "kd_dc", "kd_sf", "mse_sf", "crd_sf", "fusion"}
     assert all(t.ndim == 0 and torch.isfinite(t) for t in terms.values())
     c = distiller.config
-    expected = (c.alpha * (terms["ce_id"] + terms["kd_id"]) + c.beta * (terms["ce_dc"] + terms["kd_dc"])
-                + c.gamma * (terms["ce_sf"] + terms["kd_sf"] + terms["mse_sf"] + terms["crd_sf"]) + terms["fusion"])
+    expected = (c.alpha * w["id"] * (terms["ce_id"] + terms["kd_id"])
+                + c.beta * w["dc"] * (terms["ce_dc"] + terms["kd_dc"])
+                + c.gamma * w["sf"] * (terms["ce_sf"] + terms["kd_sf"] + terms["mse_sf"] + terms["crd_sf"])
+                + terms["fusion"])
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert out["fusion_weights"]["id"].shape == (2, 2) and out["fusion_weights"]["sf"].shape == (7, 2)
     for w in out["fusion_weights"].values():

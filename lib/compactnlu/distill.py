@@ -2,7 +2,11 @@
 
 The student learns from the three task-pair teachers with
 
-    L = α(CE_ID + KD_ID) + β(CE_DC + KD_DC) + γ(CE_SF + KD_SF + MSE_SF + CRD_SF)
+    L = α·w_ID(CE_ID + KD_ID) + β·w_DC(CE_DC + KD_DC) + γ·w_SF(CE_SF + KD_SF + MSE_SF + CRD_SF)
+
+where α, β, γ are the paper's and ``w`` the profile's ``loss_weights``, the same per-task
+scales the baseline and the teachers train with (ID and DC losses are means over 60 and 18
+labels, SF's a mean over words; see ``Profile.loss_weights``).
 
 * **Offline teachers.** Each teacher runs once over a split; its ID/DC logits, its SF
   emissions and its hidden states at the first subword of every word are cached (float16,
@@ -265,8 +269,11 @@ class Distiller(nn.Module):
             if c.use_crd:
                 keep = torch.randperm(len(projected), device=projected.device)[:c.crd_max_words]
                 terms["crd_sf"] = contrastive_loss(projected[keep], fused_hidden[keep], c.crd_tau)
-        total = (c.alpha * (terms["ce_id"] + terms.get("kd_id", 0)) + c.beta * (terms["ce_dc"] + terms.get("kd_dc", 0))
-                 + c.gamma * (terms["ce_sf"] + terms.get("kd_sf", 0) + terms.get("mse_sf", 0) + terms.get("crd_sf", 0))
+        w = {t: self.student.config.loss_weights.get(t, 1.0) for t in ("id", "dc", "sf")}  # as every model of the study
+        total = (c.alpha * w["id"] * (terms["ce_id"] + terms.get("kd_id", 0))
+                 + c.beta * w["dc"] * (terms["ce_dc"] + terms.get("kd_dc", 0))
+                 + c.gamma * w["sf"] * (terms["ce_sf"] + terms.get("kd_sf", 0) + terms.get("mse_sf", 0)
+                                        + terms.get("crd_sf", 0))
                  + terms.get("fusion", 0))  # touches only the fusion's parameters
         out["loss"], out["terms"], out["fusion_weights"] = total, terms, weights
         return out

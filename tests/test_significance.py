@@ -243,6 +243,9 @@ def test_welch_matches_scipy_and_detects_a_gap():
     assert out["a_std"] == pytest.approx(np.std(a, ddof=1))
     assert welch_over_seeds(a, a)["p_value"] == pytest.approx(1.0)
     assert math.isnan(welch_over_seeds([0.5, 0.5], [0.5, 0.5])["p_value"])
+    # identical up to the last bit (a macro average summed in another order) is still no variance
+    last_bit = welch_over_seeds([0.7048, 0.7048 + 1e-16, 0.7048], [0.5823] * 3)
+    assert math.isnan(last_bit["p_value"]) and "no variance" in last_bit["note"]
 
 
 def test_seeds_table_layout():

@@ -316,6 +316,12 @@ def approximate_randomization(stats_a: dict[str, np.ndarray], stats_b: dict[str,
 
 # ---------------------------------------------------------------- over training seeds
 
+def _constant(values: np.ndarray) -> bool:
+    # Seeds that change nothing can still differ in the last bit (a macro average summed in
+    # another order); t would then be huge and p spuriously 0.
+    return float(np.ptp(values)) <= 1e-12 * max(1.0, float(np.abs(values).max()))
+
+
 def welch_over_seeds(values_a, values_b) -> dict:
     """Welch's t-test (unequal variances) of per-seed metric values of a vs b; never raises.
 
@@ -337,7 +343,7 @@ def welch_over_seeds(values_a, values_b) -> dict:
     if len(a) < 2 or len(b) < 2:
         out["note"] = f"fewer than 2 seeds per variant (a: {len(a)}, b: {len(b)}): no test"
         return out
-    if out["a_std"] == 0 and out["b_std"] == 0:
+    if _constant(a) and _constant(b):
         out["note"] = "no variance across seeds in either variant: t undefined"
         return out
     with warnings.catch_warnings():

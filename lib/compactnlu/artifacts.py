@@ -6,6 +6,7 @@ final name and moved into place in one ``os.replace``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -85,3 +86,8 @@ def upsert_rows(path: Path | str, rows: pd.DataFrame, key: list[str]) -> pd.Data
     write_table(rows, path)
     return rows
 
+
+def keyed_path(profile, kind: str, name: str, details: dict) -> Path:
+    """``artifacts/<kind>/<name>-<key>``, keyed by the profile's results and ``details``."""
+    blob = json.dumps({"profile": profile.result_key, **details}, sort_keys=True, default=str)
+    return profile.artifacts_dir / kind / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"

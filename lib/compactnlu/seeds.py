@@ -14,7 +14,7 @@ from pathlib import Path
 from .artifacts import read_json, write_json
 from .pcptq import searched, split_metrics
 from .quant import calibration_batches, quantize_static
-from .quant.common import keyed_path
+from .artifacts import keyed_path
 from .quant.search import SearchConfig
 from .train import collator_for
 

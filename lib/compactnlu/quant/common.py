@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import atomic_dir
+from ..artifacts import atomic_dir, keyed_path
 from ..model import MultiTaskNLU, NLUConfig
 
 ENGINE = "x86"  # fbgemm kernels with x86 dispatch; the machine is x86-64
@@ -94,14 +94,6 @@ def calibration_batches(data, collator, batch_size: int, seed: int):
     order = np.random.default_rng(seed).permutation(len(train))
     for start in range(0, len(order), batch_size):
         yield collator([train[int(i)] for i in order[start:start + batch_size]])
-
-
-def keyed_path(profile, kind: str, name: str, details: dict) -> Path:
-    """``artifacts/<kind>/<name>-<key>``, keyed by the profile's results and ``details``."""
-    import hashlib
-
-    blob = json.dumps({"profile": profile.result_key, **details}, sort_keys=True, default=str)
-    return profile.artifacts_dir / kind / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def quantized_dir(profile, variant: str, details: dict) -> Path:

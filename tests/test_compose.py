@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from compactnlu.compose import SEPARATORS, LabelSpace, compose, singles
-from compactnlu.massive import load_massive
+from compactnlu.massive import FEATURES as RECORD_FEATURES
+from compactnlu.massive import load_massive, rows_to_dataset
 from compactnlu.synthetic import SLOTS_BY_SCENARIO
 
 from conftest import TEST_LOCALES
@@ -144,6 +145,38 @@ def test_every_record_is_used_when_per_utterance_at_least_one(records, per_utter
 def test_uids_are_unique(composed):
     uids = [u for ds in composed.values() for u in ds["uid"]]
     assert len(uids) == len(set(uids))
+
+
+def _with_test_record_changed(records, **change):
+    """The records with the first hi-IN test record changed (as a record not from load_massive could be)."""
+    rows = records.to_list()
+    n = next(i for i, r in enumerate(rows) if r["locale"] == "hi-IN" and r["partition"] == "test")
+    rows[n].update(change)
+    return rows_to_dataset(rows, RECORD_FEATURES), rows[n]
+
+
+def test_an_id_in_two_partitions_is_refused(records):
+    train_id = next(r["id"] for r in records if r["locale"] == "hi-IN" and r["partition"] == "train")
+    leaky, _ = _with_test_record_changed(records, id=train_id)
+    with pytest.raises(ValueError, match=f"id '{train_id}' of hi-IN is in both train and test"):
+        compose(leaky)
+
+
+def test_the_same_id_in_two_locales_is_fine(records):
+    # MASSIVE ids are per locale: the same id is the same request in every language.
+    assert len({r["id"] for r in records}) < len(records)
+    compose(records, per_utterance=0.01)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"scenario": None}, "scenario is None, not a label"),
+    ({"intent": ""}, "intent is '', not a label"),
+    ({"words": [], "tags": []}, "empty utterance"),
+])
+def test_records_that_would_break_composing_are_refused(records, change, message):
+    bad, row = _with_test_record_changed(records, **change)
+    with pytest.raises(ValueError, match=f"record '{row['id']}' of hi-IN test: {message}"):
+        compose(bad)
 
 
 @pytest.mark.parametrize("k_probs", [(0.5, 0.6), (-0.2, 0.6, 0.6), (0.2, 0.2, 0.2), ()])

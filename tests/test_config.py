@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from compactnlu.config import (
-    DATA_FIELDS, FEATURE_FIELDS, PROFILES, ROOT, TOKENIZER_FIELDS, Profile, load_profile,
+    DATA_FIELDS, FEATURE_FIELDS, FIELD_RANGES, PROFILES, ROOT, SPECIAL_TOKEN_COUNT, TOKENIZER_FIELDS, Profile,
+    ProfileError, load_profile,
 )
 
 
@@ -138,3 +141,99 @@ def test_to_dict_holds_every_field():
     d = load_profile("paper").to_dict()
     assert d["name"] == "paper" and d["model_name"] == "xlm-roberta-base"
     assert set(d) == {f for f in Profile.__dataclass_fields__}
+
+
+# ---------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("field, value, words", [
+    # wrong type
+    ("epochs", "abc", "epochs='abc' has type str; expected float"),
+    ("locales", "hi-IN", "locales='hi-IN' has type str; expected tuple[str, ...] (a list such as"),
+    ("loss_weights", [1, 2], "loss_weights=(1, 2) has type tuple; expected tuple[float, float, float] "
+                             "(exactly 3 values, not 2)"),
+    ("loss_weights", [1, "a", 2], "expected tuple[float, float, float]"),
+    ("batch_size", 2.5, "batch_size=2.5 has type float; expected int"),
+    ("batch_size", True, "batch_size=True has type bool; expected int"),
+    ("verify_checksums", "yes", "verify_checksums='yes' has type str; expected bool"),
+    ("model_name", 3, "model_name=3 has type int; expected str | None"),
+    ("max_utterances_per_partition", "10", "expected int | None"),
+    ("epochs", float("nan"), "epochs=nan is not a finite number"),
+    ("pcptq_lambdas", [0.0, float("inf")], "is not a finite number"),
+    # out of range
+    ("batch_size", 0, "batch_size=0 is out of range; allowed: >= 1"),
+    ("mlm_batch_size", 0, "mlm_batch_size=0 is out of range; allowed: >= 1"),
+    ("epochs", -1, "epochs=-1 is out of range; allowed: > 0"),
+    ("teacher_epochs", 0, "teacher_epochs=0 is out of range; allowed: > 0"),
+    ("kd_epochs", 0.0, "kd_epochs=0.0 is out of range; allowed: > 0"),
+    ("mlm_epochs", -1.0, "mlm_epochs=-1.0 is out of range; allowed: >= 0"),
+    ("learning_rate", 0, "learning_rate=0 is out of range; allowed: > 0"),
+    ("kd_learning_rate", -1e-3, "kd_learning_rate=-0.001 is out of range; allowed: > 0"),
+    ("mlm_learning_rate", 0.0, "mlm_learning_rate=0.0 is out of range; allowed: > 0"),
+    ("loss_weights", [0, 0, 0], "loss_weights=(0, 0, 0) is out of range; allowed: three weights"),
+    ("loss_weights", [1, -1, 1], "loss_weights=(1, -1, 1) is out of range"),
+    ("locales", [], "locales=() is out of range; allowed: a non-empty list"),
+    ("locales", ["hi-IN", "xx-XX"], "each one of hi-IN, bn-BD, ta-IN, te-IN, kn-IN, ml-IN, en-US"),
+    ("locales", ["hi-IN", "hi-IN"], "without repeats"),
+    ("compose_k_probs", [0.5, 0.6], "compose_k_probs=(0.5, 0.6) is out of range; allowed: probabilities"),
+    ("compose_k_probs", [-0.5, 1.5], "each >= 0, summing to 1"),
+    ("compose_k_probs", [], "compose_k_probs=() is out of range"),
+    ("composed_per_utterance", 0, "composed_per_utterance=0 is out of range; allowed: > 0"),
+    ("max_utterances_per_partition", 0, "max_utterances_per_partition=0 is out of range"),
+    ("dropout", 1.0, "dropout=1.0 is out of range; allowed: 0 <= dropout < 1"),
+    ("dropout", -0.1, "0 <= dropout < 1"),
+    ("warmup_ratio", 1.0, "0 <= warmup_ratio < 1"),
+    ("weight_decay", -0.01, "weight_decay=-0.01 is out of range; allowed: >= 0"),
+    ("pooling", "sum", "pooling='sum' is out of range; allowed: one of max, mean, cls"),
+    ("hidden_size", 30, "hidden_size=30 is out of range; allowed: a multiple of num_heads (4)"),
+    ("hidden_size", 0, "hidden_size=0 is out of range"),
+    ("num_heads", 0, "num_heads=0 is out of range; allowed: >= 1"),
+    ("num_layers", 0, "num_layers=0 is out of range; allowed: >= 1"),
+    ("intermediate_size", 0, "intermediate_size=0 is out of range; allowed: >= 1"),
+    ("seeds", 0, "seeds=0 is out of range; allowed: >= 1"),
+    ("bench_repeats", 0, "bench_repeats=0 is out of range; allowed: >= 1"),
+    ("pcptq_steps", 0, "pcptq_steps=0 is out of range; allowed: >= 1"),
+    ("pcptq_lambdas", [], "pcptq_lambdas=() is out of range; allowed: a non-empty list"),
+    ("pcptq_lambdas", [0.0, -1.0], "each >= 0"),
+    ("max_length", 4, "max_length=4 is out of range; allowed: >= 8"),
+    ("vocab_size", SPECIAL_TOKEN_COUNT, f"vocab_size=5 is out of range; allowed: > {SPECIAL_TOKEN_COUNT}"),
+    ("seed", -1, "seed=-1 is out of range; allowed: 0 <= seed < 2**32"),
+    ("train_seed", 2**32, "train_seed=4294967296 is out of range"),
+    ("tokenizer_name", " ", "tokenizer_name=' ' is out of range; allowed: null or a non-empty name"),
+    ("model_name", "", "model_name='' is out of range"),
+    ("massive_dir", "", "massive_dir='' is empty; allowed: MASSIVE's folder (empty only with synthetic_data)"),
+])
+def test_an_override_of_the_wrong_type_or_range_is_refused_naming_field_value_and_range(field, value, words):
+    with pytest.raises(ProfileError) as info:
+        load_profile("default", {field: value})
+    assert words in str(info.value)
+    assert str(info.value).startswith("profile 'default': field ")
+
+
+def test_a_profile_built_or_replaced_directly_is_validated_too():
+    with pytest.raises(ValueError, match="batch_size=0"):
+        Profile(name="x", batch_size=0)
+    with pytest.raises(ValueError, match="pooling='sum'"):
+        dataclasses.replace(PROFILES["smoke"], pooling="sum")
+
+
+@pytest.mark.parametrize("overrides", [
+    {"epochs": 1, "teacher_epochs": 1, "kd_epochs": 1},  # an int where a float is expected
+    {"loss_weights": [10, 3, 1], "epochs": 3, "learning_rate": 0.002},  # README's sweep
+    {"loss_weights": [1, 0, 0], "mlm_epochs": 0, "dropout": 0.0, "warmup_ratio": 0.0, "weight_decay": 0},
+    {"locales": ["hi-IN", "en-US"], "max_utterances_per_partition": None, "compose_k_probs": [1.0]},
+    {"compose_k_probs": [0.1, 0.2, 0.7]},  # sums to 1 only up to rounding
+    {"hidden_size": 8, "num_heads": 8, "max_length": 8, "vocab_size": SPECIAL_TOKEN_COUNT + 1, "seeds": 1},
+    {"model_name": "xlm-roberta-base", "tokenizer_name": "xlm-roberta-base", "pooling": "cls"},
+    {"massive_dir": "", "synthetic_data": True},
+])
+def test_values_at_the_edge_of_their_range_are_accepted(overrides):
+    load_profile("default", overrides)
+
+
+def test_every_field_has_a_range():
+    assert set(FIELD_RANGES) == {f.name for f in dataclasses.fields(Profile)}
+
+
+def test_the_special_token_count_matches_the_tokenizer():
+    from compactnlu.features import SPECIAL_TOKENS
+    assert SPECIAL_TOKEN_COUNT == len(SPECIAL_TOKENS)

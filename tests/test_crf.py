@@ -1,7 +1,8 @@
 """The BIO-constrained CRF (``compactnlu.model.BIOCRF``), its transition mask and ``pack_words``.
 
 Likelihoods and Viterbi paths are checked against brute-force enumeration of every
-tag sequence, computed in float64 from the module's own parameters and penalties.
+tag sequence, computed in float64 from the module's own parameters and penalties, and the
+vectorised Viterbi against the row-by-row decoder it replaced (``reference_decode``).
 """
 
 from __future__ import annotations
@@ -58,9 +59,12 @@ def brute_best(crf, emissions_row, length) -> list[int]:
 
 
 def is_bio(tags: list[str]) -> bool:
+    """BIO in MASSIVE's one-label-per-word sense: an I-x continues a span of type x, and a
+    word of type x right after one is I-x (two adjacent spans of one type are one span)."""
     previous = "O"
     for tag in tags:
-        if tag.startswith("I-") and (previous == "O" or previous[2:] != tag[2:]):
+        continues = previous != "O" and previous[2:] == tag[2:]
+        if tag.startswith("I-") and not continues or tag.startswith("B-") and continues:
             return False
         previous = tag
     return True
@@ -72,6 +76,30 @@ def valid_paths(tags, length):
 
 def lengths_to_mask(lengths, width) -> torch.Tensor:
     return torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+
+
+@torch.no_grad()
+def reference_decode(crf: BIOCRF, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """``BIOCRF.decode`` as it was before it was vectorised: the backtrace row by row in Python."""
+    trans, start = crf._scores()
+    emissions = emissions.float()
+    score = start + emissions[:, 0]
+    history = []
+    for t in range(1, emissions.shape[1]):
+        best, idx = (score.unsqueeze(2) + trans.unsqueeze(0)).max(dim=1)
+        nxt = best + emissions[:, t]
+        on = mask[:, t].unsqueeze(1)
+        score = torch.where(on, nxt, score)
+        history.append(torch.where(on, idx, torch.arange(score.shape[1], device=score.device)))
+    score = score + crf.end_transitions
+    best_last = score.argmax(1)
+    lengths = mask.sum(1).tolist()
+    paths = [[int(b)] for b in best_last]
+    for idx in reversed(history):  # steps past a row's end point back to the same tag
+        prev = idx.gather(1, torch.tensor([p[-1] for p in paths], device=idx.device).unsqueeze(1)).squeeze(1)
+        for row, tag in enumerate(prev.tolist()):
+            paths[row].append(tag)
+    return [list(reversed(p))[:n] for p, n in zip(paths, lengths)]
 
 
 # ---------------------------------------------------------------- likelihood
@@ -163,6 +191,55 @@ def test_decode_returns_the_brute_force_argmax(tags, seed):
         assert paths[row] == brute_best(crf, emissions[row], n), row
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_decode_is_the_best_bio_path_by_enumeration(seed):
+    """Tiny random cases: the decoded path is the best of the BIO-valid paths, found by
+    enumerating them all (the penalties keep every invalid path far below)."""
+    g = torch.Generator().manual_seed(60 + seed)
+    tags = (TAGS3, TAGS5)[seed % 2]
+    crf = random_crf(tags, 60 + seed, scale=2.0)
+    lengths = torch.randint(1, 5, (6,), generator=g).tolist()
+    width = max(lengths)
+    emissions = torch.randn(len(lengths), width, len(tags), generator=g) * 3
+
+    paths = crf.decode(emissions, lengths_to_mask(lengths, width))
+
+    for row, n in enumerate(lengths):
+        best = max(valid_paths(tags, n), key=lambda p: path_score(crf, emissions[row], p))
+        assert paths[row] == list(best), (row, n)
+
+
+@pytest.mark.parametrize("batch,width,seed", [(1, 1, 0), (7, 1, 1), (33, 6, 2), (64, 17, 3), (5, 40, 4)])
+def test_decode_equals_the_row_by_row_decoder(batch, width, seed):
+    tags = ("O",) + tuple(f"{p}-{s}" for s in ("a", "b", "c", "date", "date_time") for p in ("B", "I"))
+    crf = random_crf(tags, 70 + seed, scale=3.0)
+    g = torch.Generator().manual_seed(70 + seed)
+    lengths = torch.randint(0, width + 1, (batch,), generator=g)
+    lengths[0] = width  # at least one row fills the width, as pack_words guarantees
+    emissions = torch.randn(batch, width, len(tags), generator=g) * 4
+    mask = lengths_to_mask(lengths.tolist(), width)
+
+    paths = crf.decode(emissions, mask)
+
+    assert isinstance(paths, list) and all(isinstance(p, list) for p in paths)
+    assert all(isinstance(tag, int) for p in paths for tag in p)
+    assert [len(p) for p in paths] == lengths.tolist()
+    assert paths == reference_decode(crf, emissions, mask)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_decode_breaks_ties_like_the_row_by_row_decoder(seed):
+    """Whole-number scores tie often; both decoders must take the first best tag."""
+    crf = BIOCRF(TAGS5)
+    g = torch.Generator().manual_seed(80 + seed)
+    with torch.no_grad():
+        crf.transitions.copy_(torch.randint(-1, 2, crf.transitions.shape, generator=g).float())
+    lengths = torch.randint(1, 7, (50,), generator=g).tolist()
+    emissions = torch.randint(0, 3, (50, 6, len(TAGS5)), generator=g).float()
+    mask = lengths_to_mask(lengths, 6)
+    assert crf.decode(emissions, mask) == reference_decode(crf, emissions, mask)
+
+
 def test_decode_row_does_not_depend_on_its_padding():
     crf = random_crf(TAGS5, 21)
     g = torch.Generator().manual_seed(21)
@@ -196,6 +273,23 @@ def test_decode_is_bio_consistent_against_strong_emissions():
     for t, tag in enumerate(["B-a", "I-a", "I-a"]):
         ok[0, t, idx[tag]] = 100.0
     assert crf.decode(ok, torch.ones(1, 3, dtype=torch.bool)) == [[1, 2, 2]]
+
+
+def test_decode_never_puts_two_spans_of_one_type_side_by_side():
+    """Emissions shout B-a B-a and I-a B-a; the official scoring would read either as one
+    span, so the CRF must continue the span (or end it) instead."""
+    crf = BIOCRF(TAGS5)
+    idx = {t: i for i, t in enumerate(TAGS5)}
+    wanted = [["B-a", "B-a", "O"], ["B-a", "I-a", "B-a"], ["B-b", "B-b", "B-b"]]
+    emissions = torch.zeros(len(wanted), 3, len(TAGS5))
+    emissions[:, :, idx["O"]] = 1.0  # second choice everywhere, so O beats any I- that was not asked for
+    for r, row in enumerate(wanted):
+        for t, tag in enumerate(row):
+            emissions[r, t, idx[tag]] = 100.0 - t  # earlier wishes weigh more: no ties
+    paths = crf.decode(emissions, torch.ones(len(wanted), 3, dtype=torch.bool))
+    names = [[TAGS5[i] for i in path] for path in paths]
+    assert names == [["B-a", "O", "O"], ["B-a", "I-a", "O"], ["B-b", "O", "B-b"]]
+    assert all(is_bio(row) for row in names)
 
 
 def test_decode_is_bio_consistent_for_random_large_scores():
@@ -250,10 +344,10 @@ def test_bio_transition_mask_small_tag_set():
     expected = torch.tensor([
         # to: O  B-a I-a B-b I-b        from:
         [T, T, F, T, F],  # O
-        [T, T, T, T, F],  # B-a
-        [T, T, T, T, F],  # I-a
-        [T, T, F, T, T],  # B-b
-        [T, T, F, T, T],  # I-b
+        [T, F, T, T, F],  # B-a
+        [T, F, T, T, F],  # I-a
+        [T, T, F, F, T],  # B-b
+        [T, T, F, F, T],  # I-b
     ])
     assert allowed.dtype == torch.bool and start.dtype == torch.bool
     assert torch.equal(allowed, expected)
@@ -265,6 +359,8 @@ def test_bio_transition_mask_does_not_confuse_prefix_sharing_types():
     allowed, start = bio_transition_mask(tags)
     assert not allowed[1, 4] and not allowed[3, 2]  # B-date -> I-date_time, B-date_time -> I-date
     assert allowed[1, 2] and allowed[3, 4]
+    assert allowed[1, 3] and allowed[4, 1]  # B-date -> B-date_time, I-date_time -> B-date
+    assert not allowed[1, 1] and not allowed[2, 1]  # B-date -> B-date, I-date -> B-date
     assert start.tolist() == [True, True, False, True, False]
 
 

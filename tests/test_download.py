@@ -10,7 +10,9 @@ import urllib.error
 import pytest
 
 from compactnlu.config import GLOSS_LOCALE, LOCALES
-from compactnlu.massive import OFFICIAL_SHA256, TARBALL_NAME, download, locate, safe_extract
+from compactnlu.massive import (
+    MASSIVE_LOCALES, OFFICIAL_SHA256, TARBALL_NAME, ArchiveError, download, locate, safe_extract,
+)
 
 from conftest import files_under, locale_bytes, make_tarball, sha256_bytes
 
@@ -93,10 +95,68 @@ def test_unknown_locale_in_the_tarball_lists_the_available_ones(tarball):
     assert not (tarball.parent / "1.1").exists()
 
 
+@pytest.mark.parametrize("name, hint", [("xx-XX", ""), ("hi-in", " (did you mean hi-IN?)"),
+                                        ("ta_IN", " (did you mean ta-IN?)")])
+def test_unknown_locale_is_refused_before_any_download(tmp_path, monkeypatch, name, hint):
+    def no_download(*args):
+        raise AssertionError("download attempted")
+
+    monkeypatch.setattr("compactnlu.massive.download", no_download)
+    with pytest.raises(ValueError) as info:
+        locate(tmp_path, ["hi-IN", name])
+    message = str(info.value)
+    assert message.startswith(f"unknown locale(s) {name}{hint}; not downloading")
+    assert ", ".join(MASSIVE_LOCALES) in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_massive_locales_hold_the_study_locales():
+    assert len(MASSIVE_LOCALES) == len(set(MASSIVE_LOCALES)) == 52
+    assert set(OFFICIAL_SHA256) <= set(MASSIVE_LOCALES)
+
+
+def test_a_locale_with_the_wrong_case_gets_a_hint(tarball, tmp_path):
+    with pytest.raises(ValueError, match=re.escape("unknown locale(s) hi-in (did you mean hi-IN?) in ")):
+        locate(tarball.parent, ["hi-in"], checksums=CHECKSUMS)
+    with pytest.raises(FileNotFoundError, match=re.escape("hi-in (did you mean hi-IN?)")):
+        locate(tmp_path / "nothing", ["hi-in"], allow_download=False)
+
+
 def test_no_download_and_nothing_there_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="hi-IN"):
         locate(tmp_path, ["hi-IN"], allow_download=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_short_download_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    class ShortResponse(io.BytesIO):
+        headers = {"Content-Length": "100"}
+
+    monkeypatch.setattr("urllib.request.urlopen", lambda url: ShortResponse(b"only 20 bytes here.."))
+    dest = tmp_path / TARBALL_NAME
+    with pytest.raises(ArchiveError, match=r"https://example\.org/m\.tar\.gz stopped after 20 of 100 bytes"):
+        download("https://example.org/m.tar.gz", dest)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.6, 0.95])
+def test_a_truncated_tarball_is_an_error_naming_it(tarball, cut):
+    data = tarball.read_bytes()
+    tarball.write_bytes(data[:int(len(data) * cut)])
+    root = tarball.parent
+    with pytest.raises(ArchiveError, match=re.escape(f"{tarball}: truncated or corrupt archive")):
+        locate(root, ["hi-IN"], checksums=CHECKSUMS)
+    with pytest.raises(ArchiveError, match=re.escape(f"{tarball}: truncated or corrupt archive")):
+        safe_extract(tarball, root)
+    # Nothing half-extracted is left to count as extracted next time.
+    assert list(root.iterdir()) == [tarball]
+
+
+def test_a_file_that_is_no_archive_is_an_error_naming_it(tmp_path):
+    bogus = tmp_path / TARBALL_NAME
+    bogus.write_bytes(b"<html>503 Service Unavailable</html>")
+    with pytest.raises(ArchiveError, match=re.escape(f"{bogus}: truncated or corrupt archive")):
+        locate(tmp_path, ["hi-IN"])
 
 
 def test_official_checksum_table():
@@ -159,6 +219,31 @@ def test_safe_extract_refuses_unsafe_members(tmp_path, kind):
     assert files_under(tmp_path) == before
     assert not outside.exists()
     assert not (sandbox / "evil.txt").exists()
+
+
+def test_safe_extract_checks_every_member_before_writing_any(tmp_path):
+    good = tarfile.TarInfo("1.1/data/hi-IN.jsonl")
+    tarball = _tar_with(tmp_path / "bad.tar.gz", good, tarfile.TarInfo("../evil.txt"))
+    target = tmp_path / "target"
+    with pytest.raises(ArchiveError, match="outside"):
+        safe_extract(tarball, target)
+    assert files_under(target) == set()
+
+
+def test_safe_extract_of_a_member_that_breaks_midway_writes_nothing(tmp_path, monkeypatch):
+    tarball = make_tarball(tmp_path / "ok.tar.gz", {"1.1/data/hi-IN.jsonl": HI, "1.1/data/bn-BD.jsonl": BN})
+    real_extract = tarfile.TarFile.extract
+
+    def extract_then_fail(self, member, path="", **kwargs):
+        if member.name.endswith("bn-BD.jsonl"):
+            raise tarfile.ReadError("unexpected end of data")
+        return real_extract(self, member, path, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", extract_then_fail)
+    target = tmp_path / "target"
+    with pytest.raises(ArchiveError, match=re.escape(f"{tarball}: truncated or corrupt archive")):
+        safe_extract(tarball, target)
+    assert files_under(target) == set()
 
 
 def test_safe_extract_writes_only_requested_regular_files(tmp_path):

@@ -72,6 +72,27 @@ def test_words_split_into_several_subwords(tokenizer, sample):
     assert any(len(ids) - 2 > len(r["words"]) for ids, r in zip(enc["input_ids"], sample))
 
 
+def test_a_roomy_vocabulary_keeps_most_words_whole(records):
+    # The synthetic corpus has a few hundred distinct words of two or three syllables; with room for
+    # 1500 pieces a Unigram vocabulary should hold most of them whole. tokenizers' trainer,
+    # used before, split them into about 4 pieces each, almost characters.
+    words = [r["words"] for r in records]
+    enc = train_tokenizer(records["utt"], vocab_size=1500)(words, is_split_into_words=True,
+                                                           add_special_tokens=False)
+    pieces_per_word = sum(map(len, enc["input_ids"])) / sum(map(len, words))
+    assert pieces_per_word < 3.0
+
+
+def test_train_tokenizer_refuses_empty_text():
+    with pytest.raises(ValueError, match="the 2 training texts are all empty"):
+        train_tokenizer(["", "  "], vocab_size=200)
+
+
+def test_train_tokenizer_names_a_vocabulary_too_small_for_the_characters(records):
+    with pytest.raises(ValueError, match=r"cannot train a 20-piece tokenizer on \d+ texts: .*required_chars"):
+        train_tokenizer(records["utt"], vocab_size=20)
+
+
 def _expected_truncated(word_ids, n_words, max_length):
     kept_first = set()
     previous = None

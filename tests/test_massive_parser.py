@@ -11,7 +11,7 @@ from compactnlu.massive import (
     read_locale_file,
 )
 
-from conftest import good_lines, record, write_jsonl
+from conftest import good_lines, jsonl_line, record, write_jsonl
 
 
 # ---------------------------------------------------------------- parse_annotation, good inputs
@@ -52,6 +52,7 @@ def test_slot_words_may_contain_colons_and_script():
     ("wake me [time five am]", "expected ' : '"),
     ("wake me [time : five] am]", "unbalanced ']'"),
     ("wake me [time : fi]ve]", "stray bracket"),
+    ("at [time : five] [time : six]", "two adjacent spans of slot 'time'"),
 ])
 def test_parse_annotation_rejects_malformed(annot, message):
     with pytest.raises(AnnotationError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -79,6 +80,19 @@ BAD_THIRD_LINES = {
     "other_locale": (record(id="3", locale="bn-BD"), "'bn-BD' in the file of 'hi-IN'"),
     "missing_field": ({k: v for k, v in record(id="3").items() if k != "intent"}, "lacks field(s) intent"),
     "unknown_partition": (record(id="3", partition="validation"), "unknown partition 'validation'"),
+    "null_annotation": (record(id="3", annot_utt=None), "field 'annot_utt' is null, not a string"),
+    "null_scenario": (record(id="3", scenario=None), "field 'scenario' is null, not a string"),
+    "null_id": (record(id=None), "field 'id' is null, not a string"),
+    "list_intent": (record(id="3", intent=["alarm_set"]), "field 'intent' is [\"alarm_set\"], not a string"),
+    "empty_intent": (record(id="3", intent=""), "field 'intent' is empty"),
+    "blank_scenario": (record(id="3", scenario="  "), "field 'scenario' is empty (only '  ')"),
+    "empty_id": (record(id=""), "field 'id' is empty"),
+    "empty_utterance": (record(id="3", utt="", annot_utt=""), "empty utterance: field 'utt' is empty"),
+    "blank_annotation": (record(id="3", utt="five", annot_utt=" "), "empty utterance: field 'annot_utt'"),
+    "same_id_in_two_partitions": (record(id="1", partition="test"),
+                                  "id '1' is in both train (line 1) and test (line 3)"),
+    "same_id_twice_in_a_partition": (record(id="2"), "id '2' is used twice in train: lines 2 and 3"),
+    "same_id_as_number": (record(id=1, partition="dev"), "id '1' is in both train (line 1) and dev (line 3)"),
 }
 
 
@@ -94,6 +108,42 @@ def test_bad_line_raises_with_file_and_line(tmp_path, case):
     assert reason in err.reason
     assert str(err).startswith(f"{path}:3: ")
     assert isinstance(err, ValueError)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "hi-IN.jsonl", good_lines("hi-IN", 3))
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b"wake", b"w\xffke", 1)
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(MassiveFormatError, match=r"hi-IN\.jsonl:2: invalid UTF-8 at byte \d+ of the line"):
+        read_locale_file(path)
+    dropped: list[DroppedLine] = []
+    rows = read_locale_file(path, strict=False, dropped=dropped)
+    assert [r["id"] for r in rows] == ["1", "3"]
+    assert [(d.line, d.reason.startswith("invalid UTF-8")) for d in dropped] == [(2, True)]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_byte_order_mark_is_accepted(tmp_path, strict):
+    path = write_jsonl(tmp_path / "hi-IN.jsonl", good_lines("hi-IN", 2))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    dropped: list[DroppedLine] = []
+    assert [r["id"] for r in read_locale_file(path, strict=strict, dropped=dropped)] == ["1", "2"]
+    assert dropped == []
+
+
+def test_a_byte_order_mark_after_the_first_line_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "hi-IN.jsonl", [record(id="1"), "\ufeff" + jsonl_line(record(id="2"))])
+    with pytest.raises(MassiveFormatError, match=r"jsonl:2: broken JSON"):
+        read_locale_file(path)
+
+
+def test_the_same_id_in_another_locale_file_is_fine(tmp_path):
+    # MASSIVE ids are per-locale numbers: id 1 is the same request in every language.
+    write_jsonl(tmp_path / "data" / "hi-IN.jsonl", [record(id="1", locale="hi-IN")])
+    write_jsonl(tmp_path / "data" / "ta-IN.jsonl", [record(id="1", locale="ta-IN")])
+    ds = load_massive(tmp_path, ["hi-IN", "ta-IN"], verify=False, allow_download=False)
+    assert ds["id"] == ["1", "1"]
 
 
 def test_line_numbers_count_blank_lines(tmp_path):
@@ -153,6 +203,21 @@ def test_lenient_mode_keeps_good_records_and_reports_dropped_lines(tmp_path, cap
     assert len(warnings) == 1
     message = warnings[0].getMessage()
     assert str(path) in message and "dropped 3 bad line(s)" in message and "2, 4, 5" in message
+    # Each dropped line is named with its reason, not just counted.
+    for d in dropped:
+        assert f"{path}:{d.line}: {d.reason}" in message
+    assert str(dropped[0]) == f"{path}:2: {dropped[0].reason}"
+
+
+def test_lenient_mode_drops_the_second_use_of_an_id_and_says_so(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "hi-IN.jsonl", [record(id="1"), record(id="2"), record(id="1", partition="test")])
+    dropped: list[DroppedLine] = []
+    with caplog.at_level(logging.WARNING, logger="compactnlu.massive"):
+        rows = read_locale_file(path, strict=False, dropped=dropped)
+    assert [(r["id"], r["partition"]) for r in rows] == [("1", "train"), ("2", "train")]
+    assert [d.line for d in dropped] == [3]
+    assert "in both train (line 1) and test (line 3)" in dropped[0].reason
+    assert f"{path}:3: id '1' is in both train" in caplog.text
 
 
 def test_lenient_mode_on_a_clean_file_warns_nothing(tmp_path, caplog):

@@ -11,7 +11,8 @@ import pytest
 
 from compactnlu.compose import LabelSpace
 from compactnlu.metrics import (
-    METRIC_COLUMNS, decide_sets, by_locale, load_predictions, massive_metrics, save_predictions, task_metrics,
+    METRIC_COLUMNS, decide_sets, by_locale, load_predictions, massive_metrics, one_label_per_word, save_predictions,
+    task_metrics,
 )
 
 LABELS = LabelSpace(intents=("a", "b", "c"), scenarios=("x", "y"), slot_types=("t", "u"))
@@ -199,3 +200,88 @@ def test_save_and_load_predictions_round_trip(toy, tmp_path, monkeypatch):
     assert back.intent_top.tolist() == toy.intent_top.tolist()
     assert task_metrics(back, LABELS) == task_metrics(toy, LABELS)
     assert back.attrs.get("eval_loss") == 1.25  # the docstring's promise: it travels in the file's metadata
+
+
+# ---------------------------------------------------------------- the official MASSIVE definition
+
+def official_convert_to_bio(seq_tags: list[str], outside: str = "Other") -> list[str]:
+    """alexa/massive src/massive/utils/training_utils.py ``convert_to_bio`` (commit f966f21),
+    for per-word labels without merged subwords: a run of one label is one span."""
+    bio, prev = [], None
+    for tag in seq_tags:
+        if tag == outside:
+            bio.append("O")
+        elif tag != prev:
+            bio.append("B-" + tag)
+        else:
+            bio.append("I-" + prev)
+        prev = tag
+    return bio
+
+
+def official_eval_preds(pred_intents, lab_intents, pred_slots, lab_slots, pad: str = "Other") -> dict:
+    """alexa/massive src/massive/utils/training_utils.py ``eval_preds`` (commit f966f21):
+    intent accuracy, seqeval F1 of the BIO-converted per-word labels, and exact match
+    (intent equal and converted slot sequences equal). Predictions are padded or cut to the
+    gold length with ``pad``."""
+    from seqeval.metrics import f1_score as seqeval_f1
+
+    bio_labels, bio_preds = [], []
+    for lab, pred in zip(lab_slots, pred_slots):
+        pred = pred[:len(lab)] + [pad] * (len(lab) - len(pred))
+        bio_labels.append(official_convert_to_bio(lab))
+        bio_preds.append(official_convert_to_bio(pred))
+    matches = sum(p == l and ps == ls for p, l, ps, ls in zip(pred_intents, lab_intents, bio_preds, bio_labels))
+    return {"intent_acc": float(np.mean([p == l for p, l in zip(pred_intents, lab_intents)])),
+            "slot_micro_f1": float(seqeval_f1(bio_labels, bio_preds)),
+            "ex_match_acc": matches / len(lab_intents)}
+
+
+def per_word_labels(bio_tags: list[str]) -> list[str]:
+    """MASSIVE's own slot format: each word's slot type, or "Other"."""
+    return ["Other" if tag == "O" else tag[2:] for tag in bio_tags]
+
+
+# gold, predicted tags: every row is a case where the study's BIO and MASSIVE's per-word reading might part
+OFFICIAL_CASES = [
+    (["B-t", "I-t", "O"], ["B-t", "B-t", "O"]),            # B-x B-x: one span to MASSIVE
+    (["B-t", "I-t", "I-t"], ["B-t", "I-t", "B-t"]),        # I-x B-x
+    (["B-t", "O", "B-t"], ["B-t", "B-t", "B-t"]),          # two gold spans, three predicted side by side
+    (["B-t", "I-t", "B-u"], ["I-t", "I-t", "B-u"]),        # an I- at the start
+    (["O", "B-u", "I-u"], ["O", "I-u", "I-u"]),            # an I- after O
+    (["B-t", "B-u", "I-u"], ["B-t", "I-u", "I-u"]),        # an I- after another type
+    (["B-t", "I-t", "O", "B-u"], ["B-t", "I-t", "O", "O"]),
+    (["O", "O"], ["O", "B-t"]),
+    (["B-u"], ["B-u"]),
+]
+
+
+@pytest.mark.parametrize("rows", [range(len(OFFICIAL_CASES)), [0], [1, 2], [3, 4, 5], [6, 7, 8]])
+def test_massive_metrics_equal_the_official_definition(rows):
+    gold = [OFFICIAL_CASES[i][0] for i in rows]
+    pred = [OFFICIAL_CASES[i][1] for i in rows]
+    intents_gold = [["a"], ["b"], ["c"], ["a"], ["a"], ["b"], ["c"], ["a"], ["b"]][:len(gold)]
+    intent_top = ["a", "b", "a", "a", "c", "b", "c", "a", "b"][:len(gold)]
+    df = frame(intents_gold=intents_gold, intent_top=intent_top, tags_gold=gold, tags_pred=pred)
+
+    ours = massive_metrics(df)
+    official = official_eval_preds(intent_top, [g[0] for g in intents_gold],
+                                   [per_word_labels(p) for p in pred], [per_word_labels(g) for g in gold])
+
+    assert ours["intent_acc"] == pytest.approx(official["intent_acc"])
+    assert ours["slot_span_f1"] == pytest.approx(official["slot_micro_f1"])
+    assert ours["exact_match"] == pytest.approx(official["ex_match_acc"])
+
+
+def test_two_adjacent_spans_of_one_type_count_as_one():
+    df = frame(intents_gold=[["a"]], intent_top=["a"], tags_gold=[["B-t", "I-t", "O"]], tags_pred=[["B-t", "B-t", "O"]])
+    m = massive_metrics(df)
+    assert m["slot_span_f1"] == pytest.approx(1.0)
+    assert m["exact_match"] == pytest.approx(1.0)
+
+
+def test_one_label_per_word():
+    assert one_label_per_word(["B-t", "B-t", "I-t", "B-t", "O", "I-t", "B-u", "I-t"]) == \
+        ["B-t", "I-t", "I-t", "I-t", "O", "B-t", "B-u", "B-t"]
+    assert one_label_per_word(["B-date", "B-date_time", "I-date"]) == ["B-date", "B-date_time", "B-date"]
+    assert one_label_per_word([]) == []

@@ -19,8 +19,9 @@ from compactnlu.distill import cached_teacher_outputs
 from compactnlu.features import build_study_data
 from compactnlu.inference import predict, spans
 from compactnlu.quant import load_quantized
-from compactnlu.quant.fast import DequantizedLinear, Int4PackLinear, IntMatmulLinear, agreement, to_fast
-from compactnlu.quant.precision import PrecisionLinear, group_param_counts, precision_groups
+from compactnlu.quant.fast import Int4PackLinear, IntMatmulLinear, agreement, kernel_summary, to_fast
+from compactnlu.quant.kernels import kernel_works
+from compactnlu.quant.precision import PrecisionLinear, group_param_counts, precision_groups, qmax
 from compactnlu.quant.search import (SearchConfig, bits_share, export_policy, model_bytes, policy_table,
                                      search_policy, uniform_policy)
 from compactnlu.study import fp32_models, teachers
@@ -107,7 +108,29 @@ def test_stored_bytes_match_the_floor_for_even_int4_and_shrink_with_bits(models)
     assert sizes[8]["stored"] == sizes[8]["floor"]  # whole bytes: nothing to round up
 
 
+def fast_path_bound(policy: dict[str, int], head: str, largest_logit: float) -> float:
+    """How far the fast path may move a logit from the paper path's, from the policy's steps.
+
+    Both paths round each layer's input to the layer's bits, but from floats summed in another
+    order, so an element may land a step away (and fbgemm's 7-bit asymmetric grid lies up to
+    1.5 steps of the paper's 8-bit one away): allow 2 steps in every input, which moves a
+    layer's output by at most 2/qmax of its scale. The path to a logit runs through, per
+    layer, Q and K (their product makes the attention scores), V and the attention output
+    (4 in the attention group), FFN in and out (2 in the MLP group), then the task's head,
+    each with gain about 1 (LayerNorm after each block), so the moves add; the largest
+    |logit| stands for the output's scale. Embeddings are looked up alike on both paths.
+    Measured move/bound on the smoke student: at most 0.19 with fbgemm kernels, 0.02 with int_mm
+    or dequant, the same under ``make unit-avx2``.
+    """
+    depth = {"attention": 4, "mlp": 2}
+    steps = sum(depth[group.split(".", 1)[1]] * 2 / qmax(bits) for group, bits in policy.items()
+                if group.startswith("layer"))
+    return (steps + 2 / qmax(policy[head])) * largest_logit
+
+
 @pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.skipif(not kernel_works("int_mm"), reason="torch._int_mm is not exact here (oneDNN capped below VNNI), "
+                                                         "so the kernel chooser never uses it")
 def test_int_mm_layer_computes_the_paper_layer_exactly(bits):
     # One layer, one input: the same integers on both paths, so only float summation order differs.
     torch.manual_seed(0)
@@ -120,24 +143,34 @@ def test_int_mm_layer_computes_the_paper_layer_exactly(bits):
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
-def test_fast_path_agrees_with_the_paper_path(data, models):
+def test_fast_path_agrees_with_the_paper_path(data, models, tmp_path):
     model = models["kd"].model
     collate = collator_for(data)
     dev = data.features["dev"]
     batches = [collate([dev[i] for i in range(s, s + 16)]) for s in range(0, 48, 16)]
     policy = {g: (4, 8, 16)[i % 3] for i, g in enumerate(uniform_policy(model, 8))}
     paper_path = export_policy(model, policy)
-    fast = to_fast(paper_path)
-    kinds = {type(m) for m in fast.modules()}
-    assert {IntMatmulLinear, DequantizedLinear} <= kinds and PrecisionLinear not in kinds
-    result = agreement(paper_path, fast, batches)
-    # Whole-model outputs are not bit-identical: a float-summation difference of 1e-6 can move an
-    # activation across a rounding boundary in the next layer, and that one-step flip propagates.
-    # Decisions must still agree almost everywhere (100% on 2,048 dev examples of the default run).
-    assert min(result["same_id"], result["same_dc"], result["same_sf"]) >= 0.9
-    assert result["max_abs_diff:intent_logits"] < 1.0
-    int4 = to_fast(export_policy(model, uniform_policy(model, 4)), "int4pack")
-    assert any(isinstance(m, Int4PackLinear) for m in int4.modules())
+    with torch.no_grad():
+        outputs = [paper_path(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in batches]
+    # Kernels that compute the paper's arithmetic are held to the bound; "auto" may pick fbgemm, whose
+    # activations are rounded differently, so it is held to the decisions only.
+    exact = ["dequant"] + (["int_mm"] if kernel_works("int_mm") else [])
+    for kernel in exact + ["auto"]:
+        fast = to_fast(paper_path, kernel, cache=tmp_path / "kernels.json")
+        summary = kernel_summary(fast)
+        assert "paper" not in summary and summary.get("dequant", 0) >= 1, (kernel, summary)
+        result = agreement(paper_path, fast, batches)
+        # Whole-model outputs are not bit-identical: a float-summation difference of 1e-6 can move an
+        # activation across a rounding boundary in the next layer, and that one-step flip propagates.
+        # Decisions must still agree almost everywhere (100% on 2,048 dev examples of the default run).
+        assert min(result["same_id"], result["same_dc"], result["same_sf"]) >= 0.9, (kernel, result)
+        if kernel in exact:
+            for key, head in (("intent_logits", "head.id"), ("domain_logits", "head.dc"), ("slot_logits", "head.sf")):
+                largest = max(float(out[key].abs().max()) for out in outputs)
+                assert result[f"max_abs_diff:{key}"] <= fast_path_bound(policy, head, largest), (kernel, key, result)
+    if kernel_works("int4pack"):
+        int4 = to_fast(export_policy(model, uniform_policy(model, 4)), "int4pack", cache=tmp_path / "kernels.json")
+        assert any(isinstance(m, Int4PackLinear) for m in int4.modules())
     with pytest.raises(ValueError):
         to_fast(paper_path, "int3")
 

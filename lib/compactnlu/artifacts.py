@@ -51,7 +51,69 @@ def write_json(path: Path | str, obj) -> Path:
 
 
 def read_json(path: Path | str):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """The JSON value in ``path``; a file that does not parse is a ValueError naming it and the line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+# ---------------------------------------------------------------- checksums of saved weights
+# A saved model records the SHA-256 of its weight files in the JSON beside them (``config.json``
+# or ``quantization.json``, under this key), and every load checks them first: a flipped byte
+# or a truncated copy is refused by name instead of loading into silently wrong outputs.
+CHECKSUMS = "checksums"
+RERUN = "delete the folder and re-run the notebook that made it"
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def with_checksums(record: dict, folder: Path | str, names: list[str]) -> dict:
+    """``record`` plus the SHA-256 of each of ``folder``'s files ``names`` under ``"checksums"``."""
+    return {**record, CHECKSUMS: {name: sha256_file(Path(folder) / name) for name in names}}
+
+
+def verify_checksums(manifest: Path | str, names: list[str]) -> None:
+    """Check the files ``names`` beside ``manifest`` against the SHA-256 it records.
+
+    A folder saved before checksums were recorded is refused too (not loaded with a
+    warning): saved models are keyed caches, so re-running the notebook that made one
+    costs little, and a warning would let a corrupt old file through unnoticed.
+    """
+    manifest = Path(manifest)
+    record = read_json(manifest)
+    recorded = record.get(CHECKSUMS) if isinstance(record, dict) else None
+    for name in names:
+        path = manifest.parent / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; {RERUN}")
+        expected = recorded.get(name) if isinstance(recorded, dict) else None
+        if expected is None:
+            raise ValueError(f"{manifest} records no SHA-256 for {name} (saved before checksums were "
+                             f"recorded); {RERUN}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ValueError(f"{path} is corrupt or truncated: its SHA-256 {actual[:12]}... differs from the "
+                             f"{expected[:12]}... that {manifest.name} records; {RERUN}")
+
+
+def read_safetensors(path: Path | str) -> dict:
+    """``safetensors.torch.load_file``, with an unreadable (e.g. truncated) file named in the error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 def write_table(df: pd.DataFrame, path: Path | str, float_format: str = "%.4f") -> Path:
@@ -65,7 +127,7 @@ def write_table(df: pd.DataFrame, path: Path | str, float_format: str = "%.4f") 
 
 # The study's variants in the order its tables list them.
 VARIANT_ORDER = ["baseline", "teacher_idsf", "teacher_iddc", "teacher_dcsf", "kd", "baseline_static",
-                 "baseline_dynamic", "kd_static", "kd_dynamic", "kd_pcptq", "baseline_pcptq", "kd_pcptq_fast", "kd_onnx_int8"]
+                 "baseline_dynamic", "kd_static", "kd_dynamic", "kd_pcptq", "baseline_pcptq", "kd_pcptq_fast", "kd_pcptq_onnx", "kd_onnx_int8"]
 
 
 def upsert_rows(path: Path | str, rows: pd.DataFrame, key: list[str]) -> pd.DataFrame:

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from .config import PROFILES
+from .cpu import cpu_model, has_vnni, isa_flags
 
 # What a deployment loads: weights (embeddings included), scales, configs; not training logs.
 DEPLOYED = ("model.*", "config.json", "quantization.json")
@@ -165,19 +166,49 @@ def _memory_probe(profile_name: str, overrides: dict, variant: str, n_batches: i
 
 
 def environment() -> dict:
-    """The machine and the library versions a benchmark ran on."""
+    """The machine and the library versions a benchmark ran on. ``isa`` lists the flags that
+    select int8/bf16 kernels; ``vnni`` says whether int8 products accumulate exactly (else
+    ONNX Runtime needs 7-bit weights, see ``compactnlu.cpu``); ``cpu_capability`` is the
+    vector ISA torch dispatches to (lowered by ``ATEN_CPU_CAPABILITY``)."""
     import onnxruntime
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "onnxruntime": onnxruntime.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {"cpu": cpu_model(), "isa": " ".join(isa_flags()), "vnni": has_vnni(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def kernels_used(model) -> str:
+    """For the environment table: which matrix-multiply kernels a loaded variant runs on."""
+    from .quant.fast import kernel_summary
+    from .quant.precision import PrecisionLinear
+
+    if type(model).__name__ == "OnnxNLU":
+        return "onnxruntime (MLAS)"
+    modules = list(model.modules())
+    if any(hasattr(m, "kernel") for m in modules):
+        return ", ".join(f"{k} x{n}" for k, n in sorted(kernel_summary(model).items()))
+    if any(isinstance(m, PrecisionLinear) for m in modules):
+        return "paper path (dequantize per call, float matmul)"
+    if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in modules):
+        return f"torch.ao quantized ({torch.backends.quantized.engine}: fbgemm/oneDNN)"
+    return "float (torch)"
+
+
+def onnx_int8_settings(folder: Path | str) -> dict:
+    """For the environment table: an ONNX Runtime int8 artifact's ``reduce_range``, the CPU it
+    was chosen for, and whether this CPU runs it without saturating (7-bit weights, or VNNI)."""
+    path = Path(folder) / "quantization.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no quantization.json in {folder}: not a quantized artifact")
+    details = json.loads(path.read_text())
+    if not isinstance(details.get("reduce_range"), bool):
+        raise ValueError(f"{path}: 'reduce_range' must be true or false, got {details.get('reduce_range')!r}")
+    made_on = details.get("quantized_on", {})  # absent in artifacts written before it was recorded
+    return {"onnx_int8_reduce_range": details["reduce_range"], "onnx_int8_quantized_on": made_on.get("cpu"),
+            "onnx_int8_quantized_on_vnni": made_on.get("vnni"),
+            "onnx_int8_fits_this_cpu": details["reduce_range"] or has_vnni()}
 
 
 if __name__ == "__main__":

@@ -128,12 +128,32 @@ def compose_group(records: list[dict], n_examples: int, k_probs, rng: np.random.
     return examples
 
 
+def _grouped(records: datasets.Dataset) -> dict[tuple[str, str], list[dict]]:
+    """Records by (partition, locale), refusing any that would break composing or leak.
+
+    ``load_massive`` already refuses these; records built another way are checked here.
+    """
+    groups: dict[tuple[str, str], list[dict]] = {}
+    partition_of: dict[tuple[str, str], str] = {}  # (locale, id) -> partition
+    for rec in records:
+        where = f"record {rec['id']!r} of {rec['locale']} {rec['partition']}"
+        if not rec["words"]:
+            raise ValueError(f"{where}: empty utterance (no words)")
+        for key in ("intent", "scenario"):
+            if not isinstance(rec[key], str) or not rec[key]:
+                raise ValueError(f"{where}: {key} is {rec[key]!r}, not a label")
+        first = partition_of.setdefault((rec["locale"], rec["id"]), rec["partition"])
+        if first != rec["partition"]:
+            raise ValueError(f"id {rec['id']!r} of {rec['locale']} is in both {first} and {rec['partition']}: "
+                             f"composed examples would leak between the partitions")
+        groups.setdefault((rec["partition"], rec["locale"]), []).append(rec)
+    return groups
+
+
 def compose(records: datasets.Dataset, *, k_probs=(0.3, 0.4, 0.3), per_utterance: float = 1.0,
             seed: int = 13) -> datasets.DatasetDict:
     """Composed examples for every locale, one split per partition (train, dev, test)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for rec in records:
-        groups.setdefault((rec["partition"], rec["locale"]), []).append(rec)
+    groups = _grouped(records)
     splits: dict[str, list[dict]] = {p: [] for p in PARTITIONS}
     for (partition, locale), recs in sorted(groups.items()):
         n_out = int(round(len(recs) * per_utterance))

@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +78,10 @@ class Profile:
     bench_repeats: int = 5  # timed passes over the test set per variant
     seeds: int = 3  # seeds of the PTQ stage (calibration order, search noise) for Welch's test
 
+    def __post_init__(self):
+        # Here rather than in load_profile, so a Profile built or replaced anywhere is checked too.
+        validate(self)
+
     @property
     def data_dir(self) -> Path:
         """Where MASSIVE (or the synthetic stand-in) is read from."""
@@ -119,6 +126,138 @@ class Profile:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class ProfileError(ValueError):
+    """A profile field whose value has the wrong type or lies outside its range."""
+
+
+FIELD_TYPES = typing.get_type_hints(Profile)
+SPECIAL_TOKEN_COUNT = 5  # len(compactnlu.features.SPECIAL_TOKENS); not imported, features needs config
+POOLINGS = ("max", "mean", "cls")
+_KNOWN_LOCALES = LOCALES + (GLOSS_LOCALE,)
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _at_least_one(v) -> bool:
+    return v >= 1
+
+
+def _seed(v) -> bool:
+    return 0 <= v < 2**32  # numpy's and torch's seed range
+
+
+def _none_or_name(v) -> bool:
+    return v is None or v.strip() != ""
+
+
+# field -> (check of a value of the right type, the allowed range in words)
+FIELD_RANGES: dict[str, tuple[typing.Callable, str]] = {
+    "name": (lambda v: v.strip() != "", "a non-empty string"),
+    "locales": (lambda v: len(v) > 0 and len(set(v)) == len(v) and set(v) <= set(_KNOWN_LOCALES),
+                f"a non-empty list without repeats, each one of {', '.join(_KNOWN_LOCALES)}"),
+    "massive_dir": (lambda v: True, "any folder"),
+    "verify_checksums": (lambda v: True, "true or false"),
+    "synthetic_data": (lambda v: True, "true or false"),
+    "max_utterances_per_partition": (lambda v: v is None or v >= 1, "null (all) or >= 1"),
+    "compose_k_probs": (lambda v: len(v) > 0 and min(v) >= 0 and math.isclose(sum(v), 1.0, abs_tol=1e-6),
+                        "probabilities of k = 1, 2, ... parts, each >= 0, summing to 1"),
+    "composed_per_utterance": (_positive, "> 0"),
+    "seed": (_seed, "0 <= seed < 2**32"),
+    "tokenizer_name": (_none_or_name, "null or a non-empty name"),
+    "vocab_size": (lambda v: v > SPECIAL_TOKEN_COUNT, f"> {SPECIAL_TOKEN_COUNT} (the special tokens)"),
+    "max_length": (lambda v: v >= 8, ">= 8"),
+    "model_name": (_none_or_name, "null or a non-empty name"),
+    "hidden_size": (_at_least_one, ">= 1 and divisible by num_heads"),
+    "num_layers": (_at_least_one, ">= 1"),
+    "num_heads": (_at_least_one, ">= 1"),
+    "intermediate_size": (_at_least_one, ">= 1"),
+    "dropout": (lambda v: 0 <= v < 1, "0 <= dropout < 1"),
+    "pooling": (lambda v: v in POOLINGS, f"one of {', '.join(POOLINGS)}"),
+    "loss_weights": (lambda v: min(v) >= 0 and max(v) > 0, "three weights (ID, DC, SF), each >= 0, not all 0"),
+    "mlm_epochs": (lambda v: v >= 0, ">= 0 (0: no pre-training)"),
+    "mlm_learning_rate": (_positive, "> 0"),
+    "mlm_batch_size": (_at_least_one, ">= 1"),
+    "epochs": (_positive, "> 0"),
+    "teacher_epochs": (_positive, "> 0"),
+    "learning_rate": (_positive, "> 0"),
+    "batch_size": (_at_least_one, ">= 1"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "0 <= warmup_ratio < 1"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "train_seed": (_seed, "0 <= train_seed < 2**32"),
+    "kd_epochs": (_positive, "> 0"),
+    "kd_learning_rate": (_positive, "> 0"),
+    "pcptq_lambdas": (lambda v: len(v) > 0 and min(v) >= 0, "a non-empty list, each >= 0"),
+    "pcptq_steps": (_at_least_one, ">= 1"),
+    "bench_repeats": (_at_least_one, ">= 1"),
+    "seeds": (_at_least_one, ">= 1"),
+}
+
+
+def _type_name(hint) -> str:
+    plain = typing.get_origin(hint) is None and isinstance(hint, type)
+    return hint.__name__ if plain else str(hint).replace("NoneType", "None")
+
+
+def _fits(value, hint) -> bool:
+    """Whether ``value`` has the annotated type: an int passes for a float, a bool only for a bool."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(map(_fits, value, args))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_hint(value, hint) -> str:
+    """What to write instead, where a list is expected."""
+    if typing.get_origin(hint) is not tuple:
+        return ""
+    if isinstance(value, str):
+        return ' (a list such as ["a", "b"], not a string)'
+    args = typing.get_args(hint)
+    if isinstance(value, tuple) and Ellipsis not in args and len(value) != len(args):
+        return f" (exactly {len(args)} values, not {len(value)})"
+    return ""
+
+
+def _numbers(value) -> list:
+    return [x for x in (value if isinstance(value, tuple) else (value,)) if isinstance(x, float)]
+
+
+def validate(profile: Profile) -> None:
+    """Raise ProfileError naming the first field whose value has the wrong type or range."""
+    def refuse(name, value, expected):
+        raise ProfileError(f"profile {profile.name!r}: field {name}={value!r} {expected}")
+
+    for name, hint in FIELD_TYPES.items():
+        value = getattr(profile, name)
+        if not _fits(value, hint):
+            refuse(name, value,
+                   f"has type {type(value).__name__}; expected {_type_name(hint)}{_type_hint(value, hint)}")
+        if not all(math.isfinite(x) for x in _numbers(value)):
+            refuse(name, value, "is not a finite number")
+    for name, (check, allowed) in FIELD_RANGES.items():
+        value = getattr(profile, name)
+        if not check(value):
+            refuse(name, value, f"is out of range; allowed: {allowed}")
+    if profile.hidden_size % profile.num_heads:
+        refuse("hidden_size", profile.hidden_size, f"is out of range; allowed: a multiple of num_heads "
+                                                   f"({profile.num_heads})")
+    if not profile.massive_dir and not profile.synthetic_data:
+        refuse("massive_dir", profile.massive_dir, "is empty; allowed: MASSIVE's folder "
+                                                   "(empty only with synthetic_data)")
 
 
 DATA_FIELDS = (
@@ -189,7 +328,25 @@ def load_profile(name: str = "default", overrides: dict | None = None) -> Profil
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
     if unknown:
         raise ValueError(f"unknown profile field(s): {', '.join(sorted(unknown))}")
-    for key in ("locales", "compose_k_probs", "loss_weights", "pcptq_lambdas"):
-        if key in overrides:
-            overrides[key] = tuple(overrides[key])
-    return dataclasses.replace(profile, **overrides)
+    for key, value in overrides.items():
+        # JSON and papermill give lists; a string stays a string so that validate() refuses it
+        # rather than splitting it into characters.
+        if typing.get_origin(FIELD_TYPES[key]) is tuple and isinstance(value, list):
+            overrides[key] = tuple(value)
+    return dataclasses.replace(profile, **overrides)  # validated in Profile.__post_init__
+
+
+class OverrideError(ValueError):
+    """A ``--set FIELD=JSON`` argument that is not of that form."""
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """``FIELD=JSON`` from --set as (field, value); a value that is not JSON is refused, not kept as text."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise OverrideError(f"--set {item!r}: expected FIELD=JSON, e.g. --set epochs=5")
+    try:
+        return key.strip(), json.loads(text)
+    except json.JSONDecodeError as err:
+        raise OverrideError(f"--set {item!r}: the value {text!r} is not JSON ({err.msg}); "
+                         f"quote strings as JSON, e.g. --set 'pooling=\"mean\"'") from None

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from transformers import set_seed
 
-from .artifacts import atomic_dir, read_json
+from .artifacts import atomic_dir, read_json, read_safetensors
 from .features import IGNORE
 from .massive import sha256_of
 from .model import MultiTaskNLU
@@ -376,9 +376,9 @@ def distill_student(profile, data, teachers: dict, config: DistillConfig | None 
     collator = collator_for(data)
     cache = cached_teacher_outputs(teachers, data, "train", profile.artifacts_dir / "teacher_cache", collator)
     if final.exists() and not retrain:
-        student = MultiTaskNLU.load(final)
+        student = MultiTaskNLU.load(final, labels=data.labels)
         distiller = Distiller(student, config, teacher_hidden_size(cache))
-        distiller.load_state_dict(load_file(final / "distill_heads.safetensors"), strict=False)
+        distiller.load_state_dict(read_safetensors(final / "distill_heads.safetensors"), strict=False)
         info = read_json(final / "training.json")
         return DistilledModel(student, distiller.eval(), final, info["history"], info["train_seconds"])
 

@@ -1,6 +1,6 @@
 """Tokenizer, subword label alignment, the cached tokenized dataset and the batch collator.
 
-Default profile: a SentencePiece-style Unigram tokenizer trained on the training text,
+Default profile: a SentencePiece Unigram tokenizer trained on the training text,
 wrapped as transformers' ``XLMRobertaTokenizer`` (XLM-R's special tokens and template).
 Paper profile: a pretrained tokenizer loaded by name or path. Either way the study
 loads it with ``AutoTokenizer.from_pretrained``, the same call that loads the model's.
@@ -11,14 +11,14 @@ tokens get -100. Truncation is counted per example (``truncated_words``), never 
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import sentencepiece
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, XLMRobertaTokenizer
 
 from . import synthetic
@@ -36,17 +36,41 @@ SPLITS = ("train", "dev", "test", "test_single")
 
 # ---------------------------------------------------------------- tokenizer
 
+# The Unigram E-step splits the sentences among this many threads and adds their sums in
+# thread order: a fixed count gives the same floats on any machine, whatever its cores.
+SENTENCEPIECE_THREADS = 2
+
+
 def train_tokenizer(texts, vocab_size: int) -> XLMRobertaTokenizer:
-    """A Unigram tokenizer trained on ``texts``, wrapped with XLM-R's special tokens."""
-    unigram = Tokenizer(models.Unigram())
-    # The same pre-tokenization XLMRobertaTokenizer applies, so training sees the pieces it will see.
-    unigram.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                      unk_token="<unk>", show_progress=False)
-    unigram.train_from_iterator(texts, trainer=trainer)
-    vocab = [(piece, score) for piece, score in json.loads(unigram.to_str())["model"]["vocab"]]
-    return XLMRobertaTokenizer(vocab=vocab)
+    """A Unigram tokenizer trained on ``texts`` with SentencePiece, wrapped with XLM-R's special tokens.
+
+    Trained with SentencePiece rather than ``tokenizers``' UnigramTrainer, whose hash maps are
+    seeded from OS randomness: two runs of that one gave the same pieces in a different
+    order (over 500 of 12,000 ids swapped on the default corpus), so the same seed gave different
+    numbers. SentencePiece gives the same pieces and scores in every run (tests/test_determinism.py).
+    """
+    texts = list(texts)
+    if not any(text.strip() for text in texts):
+        raise ValueError(f"cannot train a tokenizer: the {len(texts)} training texts are all empty")
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, model_type="unigram",
+            # SentencePiece's own <unk> gives way to the five special tokens.
+            vocab_size=vocab_size - len(SPECIAL_TOKENS) + 1,
+            hard_vocab_limit=False,  # a small corpus may have fewer pieces than asked for
+            character_coverage=1.0,  # rare characters get pieces of their own rather than <unk>
+            normalization_rule_name="identity",  # XLMRobertaTokenizer applies no normalizer either
+            unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+            input_sentence_size=0,  # every sentence, so no random sample of them is drawn
+            max_sentence_length=max(len(text.encode("utf-8")) for text in texts) + 1,  # skip none
+            num_threads=SENTENCEPIECE_THREADS, minloglevel=2)
+    except RuntimeError as err:
+        raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on {len(texts)} texts: {err}") from err
+    trained = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [(trained.id_to_piece(i), trained.get_score(i)) for i in range(trained.get_piece_size())
+              if not trained.is_unknown(i)]
+    return XLMRobertaTokenizer(vocab=[(token, 0.0) for token in SPECIAL_TOKENS] + pieces)
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:

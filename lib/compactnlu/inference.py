@@ -23,8 +23,9 @@ def _model(profile: Profile, variant: str):
 
 
 def spans(words: list[str], tags: list[str]) -> list[dict]:
-    """BIO tags to slot spans ``{"slot", "text"}``; an ``I-`` that continues nothing opens a
-    span, as seqeval reads it."""
+    """BIO tags to slot spans ``{"slot", "text"}``, read one slot label per word as MASSIVE's
+    official scoring reads them (``metrics.one_label_per_word``): a run of one slot type is one
+    span, and an ``I-`` that continues nothing opens a span."""
     out: list[dict] = []
     current = None
     for word, tag in zip(words, tags):
@@ -32,7 +33,7 @@ def spans(words: list[str], tags: list[str]) -> list[dict]:
             current = None
             continue
         slot = tag[2:]
-        if tag.startswith("I-") and current is not None and current["slot"] == slot:
+        if current is not None and current["slot"] == slot:
             current["words"].append(word)
         else:
             current = {"slot": slot, "words": [word]}
@@ -44,10 +45,17 @@ def spans(words: list[str], tags: list[str]) -> list[dict]:
 def predict(text: str, variant: str = "kd_pcptq", profile: str | Profile = "default", threshold: float = 0.5) -> dict:
     """Intents, domains (labels with probability ≥ ``threshold``, or the most likely one) and
     slots of ``text`` (words split on whitespace, as MASSIVE's are), by a registered variant
-    of ``profile`` (a name, or a ``Profile`` with overrides)."""
+    of ``profile`` (a name, or a ``Profile`` with overrides).
+
+    The model reads at most ``profile.max_length`` subwords. ``truncated`` says whether the
+    text was cut to fit; ``unseen_words`` counts the words cut off (their tags are "O"), and
+    the intents and domains come from the part that was read.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"predict: text must be a string, got {type(text).__name__} {text!r:.80}")
     words = text.split()
     if not words:
-        raise ValueError("empty utterance")
+        raise ValueError(f"predict: text {text!r:.80} has no words (it is empty or only whitespace)")
     if isinstance(profile, str):
         profile = load_profile(profile)
     data = _data(profile)
@@ -56,7 +64,8 @@ def predict(text: str, variant: str = "kd_pcptq", profile: str | Profile = "defa
     input_ids = torch.tensor(encoded["input_ids"])
     labels = torch.tensor(encoded["slot_labels"])
     out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-    result = {"text": text, "variant": variant}
+    result = {"text": text, "variant": variant, "truncated": encoded["n_subwords"][0] > profile.max_length,
+              "unseen_words": encoded["truncated_words"][0]}
     for task, key, names in (("id", "intent_logits", data.labels.intents),
                              ("dc", "domain_logits", data.labels.scenarios)):
         if task in model.tasks:

@@ -7,12 +7,16 @@ Every malformed record raises :class:`MassiveFormatError` naming file and line.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
 import os
 import tarfile
+import tempfile
 import urllib.request
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +37,14 @@ OFFICIAL_SHA256 = {
     "ta-IN": "d9a28c1644cfe36a0b3715f341bceeaea52525668d01a70f448a8751e6dc1a55",
     "te-IN": "503250e32c6312fa6db30d094b66df361adb73720fc2f5718ac85234fd7e4125",
 }
+# The 52 locales of the MASSIVE 1.1 release: a name outside these cannot be downloaded.
+MASSIVE_LOCALES = (
+    "af-ZA", "am-ET", "ar-SA", "az-AZ", "bn-BD", "ca-ES", "cy-GB", "da-DK", "de-DE", "el-GR", "en-US",
+    "es-ES", "fa-IR", "fi-FI", "fr-FR", "he-IL", "hi-IN", "hu-HU", "hy-AM", "id-ID", "is-IS", "it-IT",
+    "ja-JP", "jv-ID", "ka-GE", "km-KH", "kn-IN", "ko-KR", "lv-LV", "ml-IN", "mn-MN", "ms-MY", "my-MM",
+    "nb-NO", "nl-NL", "pl-PL", "pt-PT", "ro-RO", "ru-RU", "sl-SL", "sq-AL", "sv-SE", "sw-KE", "ta-IN",
+    "te-IN", "th-TH", "tl-PH", "tr-TR", "ur-PK", "vi-VN", "zh-CN", "zh-TW",
+)
 PARTITIONS = ("train", "dev", "test")
 REQUIRED_KEYS = ("id", "locale", "partition", "scenario", "intent", "utt", "annot_utt")
 
@@ -60,11 +72,18 @@ class AnnotationError(ValueError):
     """An ``annot_utt`` string that is not well formed (raised without file context)."""
 
 
+class ArchiveError(ValueError):
+    """A MASSIVE tarball or download that is truncated, corrupt or unsafe; ``str()`` names it."""
+
+
 @dataclass(frozen=True)
 class DroppedLine:
     path: Path
     line: int
     reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
 
 
 # ---------------------------------------------------------------- parsing
@@ -103,6 +122,10 @@ def parse_annotation(annot_utt: str) -> tuple[list[str], list[str]]:
             if label is None:
                 tags.append("O")
             else:
+                if slot_words == 0 and tags and tags[-1][2:] == label:
+                    # The official scoring keeps one label per word, so it would read the two as one span.
+                    raise AnnotationError(f"two adjacent spans of slot {label!r}: MASSIVE's one-label-per-word "
+                                          "format cannot tell them apart")
                 tags.append(("B-" if slot_words == 0 else "I-") + label)
                 slot_words += 1
         if closes:
@@ -114,11 +137,24 @@ def parse_annotation(annot_utt: str) -> tuple[list[str], list[str]]:
     return words, tags
 
 
+def _check_field(key: str, value) -> None:
+    # MASSIVE's ids are strings of numbers; a bare JSON number is accepted as the same id.
+    if key == "id" and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if not isinstance(value, str):
+        raise AnnotationError(f"field {key!r} is {json.dumps(value, ensure_ascii=False)[:40]}, not a string")
+    if not value.strip():
+        what = "empty utterance: " if key in ("utt", "annot_utt") else ""
+        raise AnnotationError(f"{what}field {key!r} is empty" + (f" (only {value!r})" if value else ""))
+
+
 def parse_record(raw: dict, expected_locale: str | None = None) -> dict:
     """One MASSIVE json record to the fields the study uses (raises AnnotationError)."""
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
         raise AnnotationError(f"record lacks field(s) {', '.join(missing)}")
+    for key in REQUIRED_KEYS:
+        _check_field(key, raw[key])
     if expected_locale and raw["locale"] != expected_locale:
         raise AnnotationError(f"record locale {raw['locale']!r} in the file of {expected_locale!r}")
     if raw["partition"] not in PARTITIONS:
@@ -140,33 +176,59 @@ def read_locale_file(path: Path | str, locale: str | None = None, strict: bool =
     """Parse every line of one ``<locale>.jsonl``.
 
     Strict (the default) raises on the first bad line. With ``strict=False`` bad lines
-    are skipped, each recorded in ``dropped`` and counted in a warning.
+    are skipped, each recorded in ``dropped`` and named (file:line: reason) in a warning.
+    An id used twice is a bad line: in two partitions it would leak test data into training.
     """
     path = Path(path)
     locale = locale or path.stem
     records, bad = [], []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    first_seen: dict[str, tuple[int, str]] = {}  # id -> (line, partition) of its first record
+    # Bytes, decoded line by line, so that invalid UTF-8 is reported with its line number.
+    with path.open("rb") as handle:
+        for number, raw_line in enumerate(handle, start=1):
             try:
+                line = _decode_line(raw_line, number)
+                if not line.strip():
+                    continue
                 try:
                     raw = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise AnnotationError(f"broken JSON: {err.msg} at column {err.colno}") from None
                 if not isinstance(raw, dict):
                     raise AnnotationError("a line must hold one JSON object")
-                records.append(parse_record(raw, expected_locale=locale))
+                rec = parse_record(raw, expected_locale=locale)
+                _check_new_id(rec, number, first_seen)
+                records.append(rec)
             except AnnotationError as err:
                 if strict:
                     raise MassiveFormatError(path, number, str(err)) from None
                 bad.append(DroppedLine(path, number, str(err)))
     if bad:
-        log.warning("%s: dropped %d bad line(s): %s", path, len(bad),
-                    ", ".join(str(d.line) for d in bad[:20]) + (" ..." if len(bad) > 20 else ""))
+        shown = "".join(f"\n  {d}" for d in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+        log.warning("%s: dropped %d bad line(s): %s%s", path, len(bad),
+                    ", ".join(str(d.line) for d in bad[:20]) + (" ..." if len(bad) > 20 else ""), shown)
         if dropped is not None:
             dropped.extend(bad)
     return records
+
+
+def _decode_line(raw_line: bytes, number: int) -> str:
+    # utf-8-sig on the first line: a byte-order mark some editors write is not part of the record.
+    try:
+        return raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"invalid UTF-8 at byte {err.start + 1} of the line ({err.reason})") from None
+
+
+def _check_new_id(rec: dict, number: int, first_seen: dict[str, tuple[int, str]]) -> None:
+    first_line, first_partition = first_seen.setdefault(rec["id"], (number, rec["partition"]))
+    if first_line == number:
+        return
+    if first_partition == rec["partition"]:
+        raise AnnotationError(f"id {rec['id']!r} is used twice in {first_partition}: lines {first_line} and {number}")
+    raise AnnotationError(
+        f"id {rec['id']!r} is in both {first_partition} (line {first_line}) and {rec['partition']} "
+        f"(line {number}): one utterance in two partitions leaks between them")
 
 
 # ---------------------------------------------------------------- files
@@ -187,36 +249,74 @@ def download(url: str, dest: Path | str) -> Path:
     try:
         with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
+            received = 0
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
                 while block := response.read(1 << 20):
                     out.write(block)
+                    received += len(block)
                     bar.update(len(block))
+        # urllib returns a short body without complaint when the connection drops.
+        if total is not None and received != total:
+            raise ArchiveError(f"download of {url} stopped after {received} of {total} bytes; "
+                               f"nothing saved to {dest}")
         os.replace(partial, dest)
     finally:
         partial.unlink(missing_ok=True)
     return dest
 
 
+@contextmanager
+def _open_tarball(tarball: Path | str):
+    """The open archive; a truncated or corrupt one raises ArchiveError naming it."""
+    try:
+        with tarfile.open(tarball, "r:*") as archive:
+            yield archive
+    except (tarfile.ReadError, tarfile.CompressionError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise ArchiveError(f"{tarball}: truncated or corrupt archive ({err}); "
+                           f"delete it to have it downloaded again") from None
+
+
 def safe_extract(tarball: Path | str, dest: Path | str, members: set[str] | None = None) -> list[Path]:
     """Extract regular files of ``tarball`` under ``dest``; refuse any path that leaves it.
 
-    ``members``: only these archive paths (all regular files when None).
+    ``members``: only these archive paths (all regular files when None). Every member is
+    checked before any is written, and files are extracted into a temporary folder and
+    moved into place only when all of them came out whole: a truncated or unsafe archive
+    leaves ``dest`` as it was.
     """
     dest = Path(dest).resolve()
     dest.mkdir(parents=True, exist_ok=True)
-    written = []
-    with tarfile.open(tarball, "r:*") as archive:
-        for member in archive.getmembers():
-            target = (dest / member.name).resolve()
-            if not target.is_relative_to(dest):
-                raise ValueError(f"{tarball}: member {member.name!r} would be written outside {dest}")
-            if member.issym() or member.islnk() or member.isdev():
-                raise ValueError(f"{tarball}: member {member.name!r} is a link or device; refusing it")
-            if member.isdir() or (members is not None and member.name not in members):
-                continue
-            archive.extract(member, dest, filter="data")
-            written.append(target)
+    with _open_tarball(tarball) as archive:
+        # getmembers() reads the whole archive, so truncation shows up here, before any write.
+        # By name: a path stored twice is extracted once, its last copy winning as with tar.
+        chosen = list({m.name: m for m in archive.getmembers() if _is_wanted(m, tarball, dest, members)}.values())
+        with tempfile.TemporaryDirectory(dir=dest, prefix=".extracting-") as tmp:
+            for member in chosen:
+                archive.extract(member, tmp, filter="data")
+            _read_to_end(archive)
+            written = []
+            for member in chosen:
+                target = (dest / member.name).resolve()
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(Path(tmp) / member.name, target)
+                written.append(target)
     return written
+
+
+def _read_to_end(archive: tarfile.TarFile) -> None:
+    # A tarball cut inside its end padding lists and extracts fine: only reading the
+    # compressed stream to its end (EOFError) shows the cut.
+    while archive.fileobj.read(1 << 20):
+        pass
+
+
+def _is_wanted(member: tarfile.TarInfo, tarball, dest: Path, members: set[str] | None) -> bool:
+    """Whether to extract ``member``; raises ArchiveError for one that is unsafe even if unwanted."""
+    if not (dest / member.name).resolve().is_relative_to(dest):
+        raise ArchiveError(f"{tarball}: member {member.name!r} would be written outside {dest}")
+    if member.issym() or member.islnk() or member.isdev():
+        raise ArchiveError(f"{tarball}: member {member.name!r} is a link or device; refusing it")
+    return not member.isdir() and (members is None or member.name in members)
 
 
 def _candidates(root: Path, locale: str) -> list[Path]:
@@ -260,14 +360,19 @@ def locate(massive_dir: Path | str, locales: tuple[str, ...] | list[str], *, ver
         if not tarball.is_file():
             if not allow_download:
                 raise FileNotFoundError(_missing_message(root, locales, paths))
+            unknown = [loc for loc in locales if loc not in paths and loc not in MASSIVE_LOCALES]
+            if unknown:
+                raise ValueError(f"unknown locale(s) {', '.join(unknown)}{_did_you_mean(unknown, MASSIVE_LOCALES)}"
+                                 f"; not downloading: MASSIVE 1.1 has {', '.join(MASSIVE_LOCALES)}")
             log.info("MASSIVE not found in %s; downloading %s", root, url)
             download(url, tarball)
-        with tarfile.open(tarball, "r:*") as archive:
+        with _open_tarball(tarball) as archive:
             names = {m.name for m in archive.getmembers() if m.isfile()}
+            _read_to_end(archive)
         in_tar = {Path(n).stem for n in names if n.endswith(".jsonl")}
         unknown = [loc for loc in locales if loc not in in_tar]
         if unknown:
-            raise ValueError(f"unknown locale(s) {', '.join(unknown)} in {tarball}; "
+            raise ValueError(f"unknown locale(s) {', '.join(unknown)}{_did_you_mean(unknown, in_tar)} in {tarball}; "
                              f"available: {', '.join(sorted(in_tar))}")
         wanted = {n for n in names if Path(n).stem in locales and n.endswith(".jsonl")}
         safe_extract(tarball, root, members=wanted)
@@ -290,8 +395,16 @@ def _missing_message(root: Path, locales, paths) -> str:
     missing = [loc for loc in locales if loc not in paths]
     have = available_locales(root)
     hint = f"available: {', '.join(have)}" if have else "no locale files there"
-    return (f"unknown or missing locale(s) {', '.join(missing)} under {root} "
-            f"(looked for 1.1/data/<locale>.jsonl, data/<locale>.jsonl, {TARBALL_NAME}); {hint}")
+    return (f"unknown or missing locale(s) {', '.join(missing)}{_did_you_mean(missing, MASSIVE_LOCALES)} "
+            f"under {root} (looked for 1.1/data/<locale>.jsonl, data/<locale>.jsonl, {TARBALL_NAME}); {hint}")
+
+
+def _did_you_mean(names, known) -> str:
+    """`` (did you mean hi-IN?)`` for names that differ from a known locale only in case or '_'."""
+    by_key = {k.lower().replace("_", "-"): k for k in known}
+    guesses = [by_key[key] for n in names
+               if (key := n.lower().replace("_", "-")) in by_key and by_key[key] != n]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
 
 def load_massive(massive_dir: Path | str, locales, *, verify: bool = True, strict: bool = True,

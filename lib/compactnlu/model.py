@@ -3,9 +3,12 @@
 One class serves the baseline (all three tasks) and the task-pair teachers: ``tasks``
 says which heads exist. ID and DC are multi-label over the composed utterances (one
 sigmoid per label); SF tags the first subword of each word, decoded by a CRF whose
-forbidden BIO transitions (O -> I-x, B-x -> I-y, start -> I-x) are masked out.
+forbidden BIO transitions (start or O -> I-x; B-y or I-y -> I-x for another type y; B-x or
+I-x -> B-x, as MASSIVE keeps one slot label per word and reads two adjacent spans of one type
+as one) are masked out.
 
-Saved as ``model.safetensors`` plus ``config.json``; loading runs no pickle.
+Saved as ``model.safetensors`` plus ``config.json`` (which records the weights' SHA-256);
+loading runs no pickle, verifies the checksum and validates the config.
 """
 
 from __future__ import annotations
@@ -15,12 +18,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
+from .artifacts import CHECKSUMS, RERUN, read_json, read_safetensors, verify_checksums, with_checksums, write_json
+
 TASKS = ("id", "dc", "sf")
+POOLINGS = ("mean", "max", "cls")
+WEIGHTS = "model.safetensors"
 FORBIDDEN = -1e4
+
+
+def assert_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise a ValueError naming ``where`` and the first floating tensor holding NaN or inf.
+
+    Integer, boolean and torch-quantized tensors are skipped (dequantize those first to check
+    their scales). A NaN weight would otherwise quantize to zeros or spread NaN to every logit.
+    """
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            kind = "NaN" if torch.isnan(tensor).any() else "inf"
+            raise ValueError(f"{where}: tensor {name!r} holds {kind} values")
 
 
 @dataclass
@@ -35,35 +54,91 @@ class NLUConfig:
     pretrained: str | None = None  # load the encoder with from_pretrained (name or path)
 
     def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in TASKS]
         self.tasks = tuple(t for t in TASKS if t in self.tasks)
+        if unknown or not self.tasks:
+            raise ValueError(f"a model needs one or more of the tasks {TASKS}, got {unknown or 'none'}")
+        if isinstance(self.tags, str):
+            raise ValueError(f"tags must be a list of BIO tags, got the string {self.tags!r}")
         self.tags = tuple(self.tags)
-        if not self.tasks:
-            raise ValueError("a model needs at least one of the tasks id, dc, sf")
+        _check_bio(self.tags)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        for name in ("n_intents", "n_domains"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "NLUConfig":
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        fields.pop(CHECKSUMS, None)  # a saved model's config.json also records its weights' SHA-256
+        return cls(**fields)
+
+    @classmethod
+    def read(cls, path: Path | str) -> "NLUConfig":
+        """The config saved in ``path``; invalid JSON, a missing or unknown field or a bad value
+        is a ValueError naming the file."""
+        fields = read_json(path)
+        if not isinstance(fields, dict):
+            raise ValueError(f"{path}: a model config is a JSON object, not {type(fields).__name__}")
+        fields.pop(CHECKSUMS, None)
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: invalid model config: {error}") from None
+
+    def check_labels(self, labels, source: Path | str) -> None:
+        """Refuse a model for another label space: ``labels`` (the data's ``LabelSpace``) must give
+        the same tags in the same order and as many intents and domains. ``source`` names the config."""
+        problems = []
+        if self.tags != tuple(labels.tags):
+            problems.append(f"tags {list(self.tags)}, the data's are {list(labels.tags)}")
+        for name, data_labels in (("n_intents", labels.intents), ("n_domains", labels.scenarios)):
+            if getattr(self, name) != len(data_labels):
+                problems.append(f"{name}={getattr(self, name)}, the data has {len(data_labels)}")
+        if problems:
+            raise ValueError(f"{source} does not fit the data's labels: {'; '.join(problems)}; {RERUN}")
+
+
+def _check_bio(tags: tuple[str, ...]) -> None:
+    """BIO tags are one "O" plus a B-x and an I-x for each slot type x, nothing repeated."""
+    if any(not isinstance(t, str) for t in tags) or len(set(tags)) != len(tags) or tags.count("O") != 1:
+        raise ValueError(f"tags must hold \"O\" once and no tag twice, got {list(tags)}")
+    slots = [t for t in tags if t != "O"]
+    malformed = [t for t in slots if t[:2] not in ("B-", "I-") or len(t) == 2]
+    begins, insides = {t[2:] for t in slots if t.startswith("B-")}, {t[2:] for t in slots if t.startswith("I-")}
+    unpaired = sorted(begins ^ insides)
+    if malformed or unpaired:
+        raise ValueError(f"tags must be \"O\" plus B-x/I-x pairs: malformed {malformed}, unpaired slot types "
+                         f"{unpaired}")
 
 
 def bio_transition_mask(tags: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean (allowed) matrices: ``[from, to]`` transitions and start -> tag."""
+    """Boolean (allowed) matrices: ``[from, to]`` transitions and start -> tag.
+
+    After B-x or I-x a word of type x must be I-x: MASSIVE's official scoring keeps one label
+    per word, so it would read B-x B-x as one span where seqeval reads two.
+    """
     n = len(tags)
     allowed = torch.ones(n, n, dtype=torch.bool)
     start = torch.ones(n, dtype=torch.bool)
     for j, to in enumerate(tags):
-        if not to.startswith("I-"):
+        if to == "O":
             continue
-        start[j] = False
+        start[j] = to.startswith("B-")
         for i, frm in enumerate(tags):
-            allowed[i, j] = frm[2:] == to[2:] and frm != "O"
+            same_type = frm != "O" and frm[2:] == to[2:]
+            allowed[i, j] = same_type if to.startswith("I-") else not same_type
     return allowed, start
 
 
 class BIOCRF(nn.Module):
-    """A linear-chain CRF over BIO tags; transitions that break BIO are fixed at -1e4.
+    """A linear-chain CRF over BIO tags; transitions that break BIO (``bio_transition_mask``)
+    are fixed at -1e4.
 
     pytorch-crf has no way to constrain transitions, and the constraint is what makes
     every decoded sequence BIO-consistent, so the few lines are written here.
@@ -107,26 +182,31 @@ class BIOCRF(nn.Module):
 
     @torch.no_grad()
     def decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-        """Viterbi: the best tag sequence of each row, as many tags as the row has words."""
+        """Viterbi: the best tag sequence of each row, as many tags as the row has words.
+
+        The forward pass keeps only the best score of each tag at each word, ``[B, W, T]``: the
+        indices of a max over ``[B, T, T]`` cost as much again as its values. The backtrace
+        recovers each row's best previous tag from those scores, one ``[B, T]`` argmax per word
+        over the very sums the forward pass compared, so it picks the same tag (the first best).
+        """
         trans, start = self._scores()
         emissions = emissions.float()
-        score = start + emissions[:, 0]
-        history = []
-        for t in range(1, emissions.shape[1]):
-            best, idx = (score.unsqueeze(2) + trans.unsqueeze(0)).max(dim=1)
-            nxt = best + emissions[:, t]
-            on = mask[:, t].unsqueeze(1)
-            score = torch.where(on, nxt, score)
-            history.append(torch.where(on, idx, torch.arange(score.shape[1], device=score.device)))
-        score = score + self.end_transitions
-        best_last = score.argmax(1)
-        lengths = mask.sum(1).tolist()
-        paths = [[int(b)] for b in best_last]
-        for idx in reversed(history):  # steps past a row's end point back to the same tag
-            prev = idx.gather(1, torch.tensor([p[-1] for p in paths], device=idx.device).unsqueeze(1)).squeeze(1)
-            for row, tag in enumerate(prev.tolist()):
-                paths[row].append(tag)
-        return [list(reversed(p))[:n] for p, n in zip(paths, lengths)]
+        batch, width, n_tags = emissions.shape
+        scores = torch.empty(batch, width, n_tags, dtype=emissions.dtype, device=emissions.device)
+        scores[:, 0] = start + emissions[:, 0]
+        for t in range(1, width):
+            best = (scores[:, t - 1].unsqueeze(2) + trans.unsqueeze(0)).amax(dim=1)
+            # past a row's end its scores stay as they were at its last word
+            scores[:, t] = torch.where(mask[:, t].unsqueeze(1), best + emissions[:, t], scores[:, t - 1])
+        into = trans.t().contiguous()  # into[j]: the score of every move into tag j
+        path = torch.empty(batch, width, dtype=torch.long, device=emissions.device)
+        path[:, -1] = (scores[:, -1] + self.end_transitions).argmax(1)
+        for t in range(width - 1, 0, -1):
+            tag = path[:, t]
+            before = (scores[:, t - 1] + into[tag]).argmax(1)
+            path[:, t - 1] = torch.where(mask[:, t], before, tag)  # past a row's end: its last tag
+        # one transfer to Python for the whole batch, not one per word
+        return [row[:n] for row, n in zip(path.tolist(), mask.sum(1).tolist())]
 
 
 def pack_words(token_values: torch.Tensor, word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,17 +289,30 @@ class MultiTaskNLU(nn.Module):
 
     # ------------------------------------------------------------ persistence
     def save(self, folder: Path | str) -> None:
+        """``model.safetensors`` and ``config.json``, which records the weights' SHA-256."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, folder / "model.safetensors")
-        (folder / "config.json").write_text(self.config.to_json())
+        assert_finite(state, f"saving {folder}")  # never write what load would refuse
+        save_file(state, folder / WEIGHTS)
+        write_json(folder / "config.json", with_checksums(asdict(self.config), folder, [WEIGHTS]))
 
     @classmethod
-    def load(cls, folder: Path | str) -> "MultiTaskNLU":
+    def load(cls, folder: Path | str, labels=None) -> "MultiTaskNLU":
+        """The model saved in ``folder``, its weights checked against the recorded SHA-256 and
+        for NaN/inf. ``labels``, the data's ``LabelSpace``, makes a model for other labels an error."""
         folder = Path(folder)
-        config = NLUConfig.from_json((folder / "config.json").read_text())
+        config_file = folder / "config.json"
+        config = NLUConfig.read(config_file)
+        if labels is not None:
+            config.check_labels(labels, config_file)
+        verify_checksums(config_file, [WEIGHTS])
+        state = read_safetensors(folder / WEIGHTS)
+        assert_finite(state, str(folder / WEIGHTS))
         config.pretrained = None  # the weights below replace whatever from_pretrained would load
         model = cls(config)
-        model.load_state_dict(load_file(folder / "model.safetensors"))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"{folder / WEIGHTS} does not fit {config_file}: {error}") from None
         return model.eval()

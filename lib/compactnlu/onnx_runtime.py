@@ -8,9 +8,10 @@ which counts ``model.*``, ``config.json`` and ``quantization.json``) can measure
     ``model.onnx`` (fp32; inputs ``input_ids`` and ``attention_mask``, int64 ``[batch, seq]``;
     outputs only the logits of the model's tasks, in ``TASKS`` order), ``config.json`` and,
     when the model slot-fills, the CRF's three parameter tensors in ``model.crf.safetensors``.
-``quantize_onnx_dynamic(src_folder, dst_folder)``
-    ORT's pre-processing then ``quantize_dynamic`` (int8 weights, activations quantized on
-    the fly), plus ``quantization.json``; config and CRF copied unchanged.
+``quantize_onnx_dynamic(src_folder, dst_folder, reduce_range=None)``
+    ORT's pre-processing then ``quantize_dynamic`` (int8 weights, 7-bit on CPUs without
+    VNNI; activations quantized on the fly), plus ``quantization.json`` naming the choice
+    and the CPU it was made for; config and CRF copied unchanged.
 ``OnnxNLU.load(folder, threads=None)``
     An ``onnxruntime.InferenceSession`` behind the study's model interface, so
     ``compactnlu.metrics.predict`` evaluates it like any torch variant. The CRF's Viterbi
@@ -37,7 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .artifacts import atomic_dir
-from .model import TASKS, BIOCRF, MultiTaskNLU, NLUConfig, pack_words
+from .cpu import assumed_no_vnni, cpu_model, has_vnni, isa_flags
+from .model import TASKS, BIOCRF, MultiTaskNLU, NLUConfig, assert_finite, pack_words
 
 LOGITS = {"id": "intent_logits", "dc": "domain_logits", "sf": "slot_logits"}
 INPUTS = ("input_ids", "attention_mask")
@@ -53,14 +55,29 @@ PROTOBUF_LIMIT = 2 * 1024**3  # one .onnx file holds at most 2 GiB (xlm-roberta-
 #    width 32), per-channel scales did not lower the worst logit error (intent 0.011 vs
 #    0.008, slot 0.024 both) and made the file 3% larger; per-tensor is quantize_dynamic's
 #    default and what a practitioner would get.
-#  - reduce_range off (full 8 bits): 7-bit weights only help on CPUs without VNNI that
-#    saturate in the u8s8 product; the default is kept.
+#  - reduce_range (7-bit weights, [-64, 64]) chosen per CPU by reduce_range_for_cpu(), and
+#    written to quantization.json with the CPU it was based on. Without VNNI, ORT's u8s8
+#    kernels (vpmaddubsw) add pairs of u8 x s8 products in 16 bits, which saturate for full
+#    8-bit weights (255 * 127 * 2 > 32767) and not for 7-bit ones (255 * 64 * 2 < 32767);
+#    ORT's docs prescribe reduce_range for such CPUs ("When to use reduce-range"). On an
+#    AVX2-only AMD EPYC, full-range weights gave logit errors of 0.33 on the test student.
+#    With VNNI, products accumulate exactly in 32 bits and 7 bits only cost resolution;
+#    measured on an AVX-512 VNNI EPYC, full 8 bits -> 7 bits: test student
+#    (tests/test_onnx_runtime.py), max logit error intent 0.008 -> 0.010, slot 0.024 ->
+#    0.030, decisions on 200 examples the same as torch's for 97-100% -> 98.5-99.5%; trained
+#    smoke student (8 epochs, 180 test examples), intent 0.049 -> 0.088, slot 0.087 ->
+#    0.094, tag paths 98.9% -> 96.7% the same. So 7 bits only where they are needed.
 #  - Every op type ORT quantizes dynamically (op_types_to_quantize left at None): MatMul
 #    with a constant weight (every Linear; the quantizer rewrites the heads' Gemm as MatMul
 #    first) and Gather (the embedding tables, so they shrink as in the torch variants).
 #    Attention's activation x activation MatMuls stay fp32 (MatMulConstBOnly).
 QUANTIZATION = {"method": "onnxruntime_dynamic", "weight_type": "QInt8", "per_channel": False,
-                "reduce_range": False, "pre_process": True}
+                "pre_process": True}
+
+
+def reduce_range_for_cpu() -> bool:
+    """7-bit weights where ORT's int8 kernels would saturate (no VNNI), full 8 bits elsewhere."""
+    return not has_vnni()
 
 
 class _LogitsOnly(nn.Module):
@@ -127,6 +144,7 @@ def export_onnx(model: MultiTaskNLU, folder: Path | str) -> Path:
     """
     folder = Path(folder)
     net = copy.deepcopy(model).cpu().float().eval()
+    assert_finite(net.state_dict(), f"export_onnx to {folder}")
     n_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     if n_bytes >= PROTOBUF_LIMIT:
         raise ValueError(f"{n_bytes / 1e9:.2f} GB of weights do not fit one .onnx file (2 GiB protobuf limit); "
@@ -151,13 +169,16 @@ def export_onnx(model: MultiTaskNLU, folder: Path | str) -> Path:
     return folder
 
 
-def quantize_onnx_dynamic(src_folder: Path | str, dst_folder: Path | str) -> Path:
+def quantize_onnx_dynamic(src_folder: Path | str, dst_folder: Path | str,
+                          reduce_range: bool | None = None) -> Path:
     """int8 dynamic quantization of ``src_folder/model.onnx`` into ``dst_folder``; return it.
 
     ORT's pre-processing (``quant_pre_process``: symbolic shape inference, ORT's basic graph
     optimisation, ONNX shape inference) runs first, as ORT's quantization docs recommend:
     the quantizer needs tensor shapes, and folding is better done before than during
-    quantization. Settings: ``QUANTIZATION`` above. Config and CRF are copied unchanged.
+    quantization. Settings: ``QUANTIZATION`` above; ``reduce_range`` None chooses 7-bit
+    weights from this CPU (``reduce_range_for_cpu``). Config and CRF are copied unchanged.
+    A NaN or inf initializer is refused (ValueError naming it) before anything is written.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -165,20 +186,36 @@ def quantize_onnx_dynamic(src_folder: Path | str, dst_folder: Path | str) -> Pat
     src, dst = Path(src_folder), Path(dst_folder)
     if not (src / ONNX_FILE).is_file():
         raise FileNotFoundError(f"no {ONNX_FILE} in {src}; run export_onnx first")
+    assert_finite(_float_initializers(src / ONNX_FILE), str(src / ONNX_FILE))
+    if reduce_range is None:
+        reduce_range = reduce_range_for_cpu()
     with atomic_dir(dst) as tmp, tempfile.TemporaryDirectory(prefix="ort-pre-") as scratch:
         prepared = Path(scratch) / ONNX_FILE
         quant_pre_process(str(src / ONNX_FILE), str(prepared))
         quantize_dynamic(prepared, tmp / ONNX_FILE, weight_type=QuantType.QInt8,
-                         per_channel=QUANTIZATION["per_channel"], reduce_range=QUANTIZATION["reduce_range"])
+                         per_channel=QUANTIZATION["per_channel"], reduce_range=reduce_range)
         for name in ("config.json", CRF_FILE):
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
         import onnxruntime
 
-        details = {**QUANTIZATION, "onnxruntime": onnxruntime.__version__,
-                   "quantized_ops": _quantized_ops(tmp / ONNX_FILE)}
+        details = {**QUANTIZATION, "reduce_range": bool(reduce_range), "onnxruntime": onnxruntime.__version__,
+                   "quantized_ops": _quantized_ops(tmp / ONNX_FILE),
+                   # what reduce_range was chosen for: the CPU that quantized
+                   "quantized_on": {"cpu": cpu_model(), "isa": isa_flags(), "vnni": has_vnni(),
+                                    "assume_no_vnni": assumed_no_vnni()}}
         (tmp / "quantization.json").write_text(json.dumps(details, indent=1))
     return dst
+
+
+def _float_initializers(path: Path) -> dict[str, torch.Tensor]:
+    """The graph's floating-point initializers (its weights), by name."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    return {name: torch.from_numpy(np.array(a)) for name, a in arrays.items() if a.dtype.kind == "f"}
 
 
 def _quantized_ops(path: Path) -> dict[str, int]:
@@ -237,6 +274,10 @@ class OnnxNLU:
             crf.eval()
         quant_file = folder / "quantization.json"
         quantization = json.loads(quant_file.read_text()) if quant_file.is_file() else None
+        if quantization and quantization.get("reduce_range") is False and not has_vnni():
+            warnings.warn(f"{quant_file}: int8 weights use the full 8-bit range, but this CPU has no VNNI, where "
+                          "ONNX Runtime's u8s8 kernels saturate and logits drift; quantize again on this machine "
+                          "(quantize_onnx_dynamic then chooses reduce_range=True)", RuntimeWarning, stacklevel=2)
         return cls(session, config, crf, folder, quantization)
 
     @property

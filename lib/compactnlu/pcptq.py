@@ -56,7 +56,7 @@ def searched(profile, data, cache, name: str, trained, config: SearchConfig) -> 
                                                             "probabilities": result.probabilities.to_dict("index")})
         atomic_write(folder / "search_history.csv", lambda tmp: result.history.to_csv(tmp, index=False))
     saved, history = _saved(folder)
-    return Candidate(name, label, config.lam, saved["policy"], folder, load_quantized(folder), history)
+    return Candidate(name, label, config.lam, saved["policy"], folder, load_quantized(folder, labels=data.labels), history)
 
 
 def fixed(profile, name: str, trained, policy_name: str, policy: dict[str, int], config: SearchConfig) -> Candidate:

@@ -1,8 +1,8 @@
 """Training through the transformers ``Trainer``, cached by the parameters that shape a model.
 
 ``train_model`` returns the finished model from ``artifacts/models/<name>-<key>/`` when
-it exists; otherwise it trains (resuming from the last checkpoint in
-``artifacts/checkpoints/`` after an interruption), keeps the checkpoint with the best
+it exists; otherwise it trains (resuming, after an interruption, from the last checkpoint
+in ``artifacts/checkpoints/`` that reads back whole), keeps the checkpoint with the best
 dev loss, and saves that one. The same code runs under ``torchrun`` or
 ``accelerate launch`` on several processes (CPU with gloo, or GPUs).
 """
@@ -13,14 +13,16 @@ import hashlib
 import json
 import logging
 import os
+import re
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from .artifacts import atomic_dir, read_json, write_json
+from .artifacts import atomic_dir, read_json, read_safetensors, write_json
 from .config import FEATURE_FIELDS, Profile
 from .features import MultiTaskCollator, StudyData
 from .model import TASKS, MultiTaskNLU, NLUConfig
@@ -111,6 +113,45 @@ def training_arguments(profile: Profile, output_dir: Path, **overrides) -> Train
     return TrainingArguments(**args)
 
 
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why the Trainer checkpoint ``checkpoint`` cannot be resumed from, or ``None`` if it can.
+
+    A run killed while saving, or a copy cut short, leaves a missing or truncated file.
+    ``trainer_state.json`` is written last, so it must be there; the weights must load;
+    the torch files (optimizer, scheduler, RNG state) are zip archives whose CRCs must match.
+    """
+    for name in ("model.safetensors", "trainer_state.json"):
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+    try:
+        read_safetensors(checkpoint / "model.safetensors")
+        read_json(checkpoint / "trainer_state.json")
+    except (ValueError, OSError) as error:
+        return str(error)
+    for archive in sorted(checkpoint.glob("*.pt*")):
+        try:
+            with zipfile.ZipFile(archive) as contents:
+                if contents.testzip() is not None:
+                    return f"{archive.name} is corrupt"
+        except (zipfile.BadZipFile, OSError) as error:
+            return f"{archive.name}: {error}"
+    return None
+
+
+def last_good_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint under ``folder`` that can be resumed from; broken ones are skipped
+    with a warning naming them (the Trainer overwrites them when it gets that far again)."""
+    steps = {p: int(m.group(1)) for p in folder.glob("checkpoint-*")
+             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))}
+    for checkpoint in sorted(steps, key=steps.get, reverse=True):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return str(checkpoint)
+        warnings.warn(f"skipping the broken checkpoint {checkpoint} ({problem}); resuming from an earlier one",
+                      stacklevel=2)
+    return None
+
+
 def fit_and_save(trainer: Trainer, final: Path, save, resume: str | None = None,
                  info: dict | None = None) -> tuple[list[dict], float]:
     """Train, then on the main process write ``final`` atomically: ``save(folder)`` plus
@@ -134,7 +175,8 @@ def train_model(profile: Profile, data: StudyData, name: str, tasks=TASKS, loss_
     final = model_dir(profile, name, config, result_overrides(argument_overrides))
     if final.exists() and not retrain:
         info = read_json(final / "training.json")
-        return TrainedModel(MultiTaskNLU.load(final), final, info["history"], info["train_seconds"])
+        return TrainedModel(MultiTaskNLU.load(final, labels=data.labels), final, info["history"],
+                            info["train_seconds"])
 
     checkpoints = profile.artifacts_dir / "checkpoints" / final.name
     if uses_mlm(profile):
@@ -148,7 +190,7 @@ def train_model(profile: Profile, data: StudyData, name: str, tasks=TASKS, loss_
         eval_dataset=data.features["dev"],
         data_collator=collator_for(data),
     )
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() and not retrain else None
+    resume = last_good_checkpoint(checkpoints) if checkpoints.exists() and not retrain else None
     if resume:
         log.info("resuming %s from %s", name, resume)
     history, seconds = fit_and_save(trainer, final, model.save, resume)
@@ -169,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     import argparse
 
-    from .config import load_profile
+    from .config import load_profile, parse_override
     from .features import load_study_data
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -178,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON")
     args = parser.parse_args(argv)
-    overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
+    overrides = dict(parse_override(item) for item in args.set)
     profile = load_profile(args.profile, overrides)
     data = load_study_data(profile)  # built once beforehand (notebook 01), never by several processes at once
     trained = train_model(profile, data, args.name, tasks=args.tasks)

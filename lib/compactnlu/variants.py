@@ -15,7 +15,7 @@ from .config import Profile
 
 # Which notebook makes each variant, for the error that names the step to run first.
 MADE_BY = {"baseline": "02", "kd": "04", "baseline_static": "05", "kd_static": "05", "baseline_dynamic": "06",
-           "kd_dynamic": "06", "kd_pcptq": "07", "baseline_pcptq": "07", "kd_pcptq_fast": "07",
+           "kd_dynamic": "06", "kd_pcptq": "07", "baseline_pcptq": "07", "kd_pcptq_fast": "07", "kd_pcptq_onnx": "08",
            "kd_onnx_int8": "08"}
 # A run-time that loads the same artifact another way.
 RUNTIMES = ("torch", "fast")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.ao import quantization as tq
 
-from ..model import MultiTaskNLU
+from ..model import MultiTaskNLU, assert_finite
 from .common import float_copy, quiet_quantization
 
 
@@ -19,5 +19,7 @@ def dynamic_structure(model: MultiTaskNLU) -> MultiTaskNLU:
 
 
 def quantize_dynamic(model: MultiTaskNLU) -> MultiTaskNLU:
-    """A dynamically quantized copy of ``model`` (the float model is left as it is)."""
+    """A dynamically quantized copy of ``model`` (the float model is left as it is); NaN or inf
+    in ``model`` is a ValueError naming the tensor (an inf weight gives an inf scale, NaN logits)."""
+    assert_finite(model.state_dict(), "quantize_dynamic")
     return dynamic_structure(float_copy(model))

@@ -1,33 +1,52 @@
-"""The fast run-time path of a precision-controlled model: real low-bit CPU kernels.
+"""The fast run-time path of a precision-controlled model: the stored integers on fast CPU kernels.
 
 The paper's path (``PrecisionLinear``) dequantizes each weight and fake-quantizes its
-input in float on every call. Here the same stored integers feed integer kernels:
+input in float on every call. Here the same stored integers and scales run on one of:
 
-- **≤ 8 bits, ``int_mm``**: the input is quantized per tensor to the group's bits exactly
+- **``int_mm``** (≤ 8 bits): the input is quantized per tensor to the layer's bits exactly
   as the paper's path does (symmetric, scale ``max|x|/qmax``), the integers are multiplied
-  by ``torch._int_mm`` (int8 × int8 → int32, exact), and the int32
-  result is rescaled by ``s_x · s_w``. 4-bit weights are unpacked to int8 once, at load;
-  the arithmetic is the paper's, only the accumulation is exact instead of float.
-- **4 bits, ``int4pack``** (an option): torch's weight-only int4 kernel
-  (``_weight_int4pack_mm_for_cpu``) on the packed weights, the input fake-quantized to 4 bits
-  and cast to bfloat16 (the kernel's input type on CPU), so results differ by bf16 rounding.
-- **16 bits**: there is no int16 matrix multiply on CPU; the weight is dequantized once at
-  load and the input is not rounded (16-bit rounding moves it by under 2e-5 of its range).
+  by ``torch._int_mm`` (int8 × int8 → int32, exact), and the int32 result is rescaled by
+  ``s_x · s_w``: the paper's arithmetic, only the accumulation is exact instead of float.
+  Fast with VNNI (oneDNN); a naive loop, 30-50× slower than float, without it.
+- **``fbgemm``** (≤ 8 bits): torch's dynamic quantized linear on the stored integers as a
+  per-channel qint8 weight (zero points 0). fbgemm quantizes the input itself, per tensor,
+  asymmetric, to 7 bits (``reduce_range=True``, as torch's x86 dynamic qconfig: without VNNI
+  uint8 × int8 pair sums saturate int16 at 8 bits). A layer stored in fewer than 7 bits has
+  its input rounded to its own bits first, as on the paper's path; otherwise fbgemm would
+  compute a more precise model than the one evaluated. Not the paper's arithmetic: its
+  agreement is measured.
+- **``dequant``** (any bits; the floor): the weight dequantized once, at load, the input
+  fake-quantized exactly as the paper's path does, then ``F.linear``: the paper's numbers,
+  without dequantizing the weight on every call. 16-bit layers always run here, their input
+  not rounded (16-bit rounding moves it by under 2e-5 of its range).
+- **``int4pack``** (an option for 4-bit layers): torch's weight-only int4 kernel
+  (``_weight_int4pack_mm_for_cpu``), the input fake-quantized to 4 bits and cast to bfloat16
+  (the kernel's input type on CPU), so results differ by bf16 rounding.
 
-How far this path agrees with the paper's is measured (``agreement``), not assumed.
+``to_fast(model)`` picks, per layer shape, the fastest of ``dequant``, ``int_mm`` and
+``fbgemm`` as measured on this CPU (``kernels``: a short micro-benchmark, cached per machine),
+so the fast path is never slower than the floor. ``kernel_summary`` says what each layer runs.
+How far each kernel agrees with the paper's path is measured (``agreement``), not assumed.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import PrecisionLinear, _round_clip, _scale, fake_quantize
+from . import kernels
+from .kernels import CANDIDATES, DEFAULT_ROWS, FLOOR
+from .precision import PrecisionLinear, fake_quantize, qmax, qmin
 
-KERNELS_4BIT = ("int_mm", "int4pack")
+KERNELS = ("auto", "int_mm", "fbgemm", "dequant", "int4pack")
+FBGEMM_INPUT_BITS = 7  # fbgemm's activation grid with reduce_range: uint8 values 0..127
 _INT4_GROUP = 128  # the int4 kernel's scale group along K (it accepts 32..256); every group shares the row's scale
 
 
@@ -35,8 +54,21 @@ def _rows_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
+def quantize_input(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper path's input integers (as float) and step: the same numbers as
+    ``fake_quantize(x, bits) == integers * step``, in fewer passes over ``x`` (one ``aminmax``
+    for ``max|x|``, rounding and clamping in place), which matters when K is large and N small."""
+    x = x.float()
+    low, high = torch.aminmax(x)
+    amax = torch.maximum(-low, high)
+    step = torch.where(amax > 0, amax / qmax(bits), torch.ones_like(amax))  # all zeros: step 1, as _scale
+    return (x / step).round_().clamp_(qmin(bits), qmax(bits)), step
+
+
 class IntMatmulLinear(nn.Module):
     """``y = s_x · s_w · (q_x @ q_wᵀ) + b`` with ``q_x`` the input quantized to ``bits`` ≤ 8."""
+
+    kernel = "int_mm"
 
     def __init__(self, layer: PrecisionLinear):
         super().__init__()
@@ -48,10 +80,8 @@ class IntMatmulLinear(nn.Module):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _rows_2d(x.float())
-        step = _scale(rows, self.bits, per_channel=False, axis=0)  # the paper path's scale, so the same integers
-        q = _round_clip(rows, step, self.bits).to(torch.int8)
-        y = torch._int_mm(q, self.weight_t).float().mul_(self.scale * step)
+        q, step = quantize_input(_rows_2d(x), self.bits)  # the paper path's integers
+        y = torch._int_mm(q.to(torch.int8), self.weight_t).float().mul_(self.scale * step)
         if self.bias is not None:
             y.add_(self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -59,6 +89,8 @@ class IntMatmulLinear(nn.Module):
 
 class Int4PackLinear(nn.Module):
     """torch's weight-only int4 kernel; outputs padded to a multiple of 16 rows, as it requires."""
+
+    kernel = "int4pack"
 
     def __init__(self, layer: PrecisionLinear):
         super().__init__()
@@ -87,39 +119,133 @@ class Int4PackLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-class DequantizedLinear(nn.Module):
-    """A 16-bit group: the stored weight dequantized once, a float matrix multiply."""
+class FbgemmLinear(nn.Module):
+    """torch's dynamic quantized linear (fbgemm on x86) on the stored integers and scales."""
+
+    kernel = "fbgemm"
 
     def __init__(self, layer: PrecisionLinear):
         super().__init__()
+        if layer.bits > 8:
+            raise ValueError(f"FbgemmLinear takes layers of at most 8 bits, got {layer.bits}")
+        self.out_features = layer.out_features
+        self.input_bits = layer.bits if layer.bits < FBGEMM_INPUT_BITS else None
+        integers = layer._integers(layer.qweight).to(torch.int8)
+        scales = layer.scale.reshape(-1).expand(layer.out_features).float()  # a per-tensor scale on every row
+        with warnings.catch_warnings():
+            # quantized tensors are deprecated; kernel_works says when they are gone
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch.quantize_per_channel(integers.float() * scales[:, None], scales.double(),
+                                                 torch.zeros(layer.out_features, dtype=torch.long), 0, torch.qint8)
+        if not torch.equal(qweight.int_repr(), integers):  # (q·s)/s rounds back to q; never run other integers
+            raise RuntimeError("fbgemm's qint8 weight does not hold the stored integers")
+        bias = None if layer.bias is None else layer.bias.detach().float().clone()
+        self.packed = torch.ops.quantized.linear_prepack(qweight, bias)  # not in state_dict: rebuild with to_fast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_bits is not None:
+            q, step = quantize_input(x, self.input_bits)
+            x = q.mul_(step)
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, reduce_range=True)
+
+
+class DequantizedLinear(nn.Module):
+    """The floor: the stored weight dequantized once, the input fake-quantized as on the
+    paper's path (except at 16 bits), a float matrix multiply."""
+
+    kernel = "dequant"
+
+    def __init__(self, layer: PrecisionLinear):
+        super().__init__()
+        self.input_bits = layer.bits if layer.bits < 16 else None
         self.register_buffer("weight", layer.dequantized_weight().contiguous())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_bits is not None:
+            q, step = quantize_input(x, self.input_bits)
+            x = q.mul_(step).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 
-def fast_layer(layer: PrecisionLinear, int4_kernel: str = "int_mm") -> nn.Module:
-    if int4_kernel not in KERNELS_4BIT:
-        raise ValueError(f"int4_kernel must be one of {KERNELS_4BIT}, got {int4_kernel!r}")
-    if layer.bits == 4 and int4_kernel == "int4pack" and layer.in_features % 32 == 0:
-        return Int4PackLinear(layer)
-    if layer.bits <= 8:
-        return IntMatmulLinear(layer)
-    return DequantizedLinear(layer)
+LAYERS = {"int_mm": IntMatmulLinear, "fbgemm": FbgemmLinear, "dequant": DequantizedLinear,
+          "int4pack": Int4PackLinear}
+
+
+def fast_layer(layer: PrecisionLinear, kernel: str = "int_mm") -> nn.Module:
+    """``layer`` on ``kernel`` (not "auto"). Layers over 8 bits always get the floor; "int4pack"
+    applies to 4-bit layers with whole 32-column groups, others get "int_mm"; a kernel that
+    does not work here (``kernels.kernel_works``) gives way to the floor, with a warning."""
+    if kernel not in LAYERS:
+        raise ValueError(f"kernel must be one of {tuple(LAYERS)}, got {kernel!r}")
+    if layer.bits > 8:
+        return DequantizedLinear(layer)
+    if kernel == "int4pack" and (layer.bits != 4 or layer.in_features % 32):
+        kernel = "int_mm"
+    if not kernels.kernel_works(kernel):
+        warnings.warn(f"kernel {kernel} does not work here; using the dequantized float path", RuntimeWarning)
+        kernel = FLOOR
+    return LAYERS[kernel](layer)
+
+
+def _shape_key(layer: PrecisionLinear, rows: int) -> str:
+    return kernels.shape_key(layer.in_features, layer.out_features, layer.bits, rows)
 
 
 @torch.no_grad()
-def to_fast(model: nn.Module, int4_kernel: str = "int_mm") -> nn.Module:
+def choose_kernels(layers: Iterable[PrecisionLinear], rows: int = DEFAULT_ROWS,
+                   cache: Path | str | None = None) -> dict[str, str]:
+    """The fastest working kernel for each distinct shape of the ≤ 8-bit ``layers``, as
+    ``kernels.shape_key`` -> kernel: read from the cache (``kernels.default_cache_path()``
+    when ``cache`` is None) or measured on ``rows`` rows with torch's current thread count,
+    then added to it."""
+    path = Path(cache) if cache is not None else kernels.default_cache_path()
+    known = kernels.cached_choices(path)
+    candidates = [kernel for kernel in CANDIDATES if kernels.kernel_works(kernel)]
+    chosen: dict[str, str] = {}
+    measured: dict[str, dict] = {}
+    for layer in layers:
+        key = _shape_key(layer, rows)
+        if layer.bits > 8 or key in chosen:
+            continue
+        entry = known.get(key)
+        if not isinstance(entry, dict) or entry.get("kernel") not in candidates:
+            built = {kernel: LAYERS[kernel](layer) for kernel in candidates}
+            x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(0))
+            seconds = kernels.measure(kernels.time_layers(built, x), candidates, rows)
+            entry = measured[key] = {"kernel": kernels.fastest(seconds), "seconds": seconds}
+        chosen[key] = entry["kernel"]
+    if measured:
+        kernels.save_choices(path, measured)
+    return chosen
+
+
+@torch.no_grad()
+def to_fast(model: nn.Module, kernel: str = "auto", rows: int = DEFAULT_ROWS, cache: Path | str | None = None
+            ) -> nn.Module:
     """A copy of a precision-controlled model (``apply_policy`` or ``load_quantized``) whose
-    ``PrecisionLinear`` layers run on integer kernels. Embeddings stay as stored: a lookup
-    dequantizes only the rows it reads."""
+    ``PrecisionLinear`` layers run on fast kernels. ``kernel="auto"`` measures which of
+    ``kernels.CANDIDATES`` is fastest here for each layer shape at ``rows`` rows (``choose_kernels``,
+    cached in ``cache``); a named kernel is used for every layer it can take (``fast_layer``).
+    Each new layer's ``kernel`` attribute names its kernel (``kernel_summary``). Embeddings
+    stay as stored: a lookup dequantizes only the rows it reads."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     fast = copy.deepcopy(model)
-    for name, module in list(fast.named_modules()):
-        if isinstance(module, PrecisionLinear):
-            parent, _, attr = name.rpartition(".")
-            setattr(fast.get_submodule(parent) if parent else fast, attr, fast_layer(module, int4_kernel))
+    layers = {name: m for name, m in fast.named_modules() if isinstance(m, PrecisionLinear)}
+    chosen = choose_kernels(layers.values(), rows, cache) if kernel == "auto" else {}
+    for name, layer in layers.items():
+        layer_kernel = chosen.get(_shape_key(layer, rows), FLOOR) if kernel == "auto" else kernel
+        parent, _, attr = name.rpartition(".")
+        setattr(fast.get_submodule(parent) if parent else fast, attr, fast_layer(layer, layer_kernel))
     return fast.eval()
+
+
+def kernel_summary(model: nn.Module) -> dict[str, int]:
+    """How many linear layers run on each kernel; "paper" counts layers still on the paper's path."""
+    counts = Counter("paper" if isinstance(m, PrecisionLinear) else m.kernel
+                     for m in model.modules() if isinstance(m, (PrecisionLinear, *LAYERS.values())))
+    return dict(sorted(counts.items()))
 
 
 @torch.no_grad()

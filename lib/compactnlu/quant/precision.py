@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model import assert_finite
+
 DEFAULT_BITS = (4, 8, 16)
 
 
@@ -78,6 +80,7 @@ def quantize_symmetric(x: torch.Tensor, bits: int, per_channel: bool = True, axi
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integers (int8 for bits <= 8, else int16) and the float32 scale that maps them back."""
     bits = _check_bits(bits)
+    assert_finite({"x": x}, "quantize_symmetric")  # NaN would round to 0 and inf give a NaN scale
     scale = _scale(x, bits, per_channel, axis)
     return _round_clip(x, scale, bits).to(int_dtype(bits)), scale
 
@@ -432,8 +435,10 @@ def apply_policy(model: nn.Module, policy: Mapping[str, int], groups: Groups, pe
     """A copy of ``model`` with each grouped ``nn.Linear`` (``nn.Embedding``) replaced by a
     ``PrecisionLinear`` (``PrecisionEmbedding``) at its group's bits; groups absent from
     ``policy`` stay float. ``model`` may be the float model or ``apply_mixed``'s search
-    copy (its wrappers give up their float layers, as trained). The original is left as it is."""
+    copy (its wrappers give up their float layers, as trained). The original is left as it is.
+    NaN or inf anywhere in ``model`` is a ValueError naming the tensor."""
     _check_groups(policy, groups)
+    assert_finite(model.state_dict(), "apply_policy")
     out = copy.deepcopy(model)
     for group, bits in policy.items():
         for name, _ in groups[group]:
@@ -450,6 +455,27 @@ def apply_policy(model: nn.Module, policy: Mapping[str, int], groups: Groups, pe
                 raise TypeError(f"{name} is a {type(module).__name__}, not a Linear or an Embedding")
             _set_module(out, name, new)
     return out
+
+
+def check_stored_integers(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse stored weights that do not fit the bits their layer is recorded with.
+
+    ``model`` is the structure rebuilt from the recorded policy, ``state`` the saved tensors.
+    Without this, a 16-bit layer recorded as 8 would have its int16 values wrapped into int8
+    by ``load_state_dict``. Packed int4 bytes hold only values in [-8, 7], so they always fit.
+    """
+    for name, module in model.named_modules():
+        stored = state.get(f"{name}.qweight") if isinstance(module, _StoredWeight) else None
+        if stored is None or (module.bits == 4 and stored.dtype == torch.uint8):
+            continue
+        if not stored.is_floating_point() and stored.numel():
+            lo, hi = int(stored.min()), int(stored.max())
+            if lo < qmin(module.bits) or hi > qmax(module.bits):
+                raise ValueError(f"{where}: layer {name} is recorded as {module.bits}-bit, but its stored integers "
+                                 f"span [{lo}, {hi}], outside [{qmin(module.bits)}, {qmax(module.bits)}]")
+        if stored.dtype != module.qweight.dtype:
+            raise ValueError(f"{where}: layer {name} is recorded as {module.bits}-bit ({module.qweight.dtype}), but "
+                             f"its weights are stored as {stored.dtype}")
 
 
 def apply_mixed(model: nn.Module, groups: Groups, controller: GumbelController, per_channel: bool = True) -> nn.Module:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.ao import quantization as tq
 from torch.ao.quantization.observer import MinMaxObserver
 
-from ..model import MultiTaskNLU
+from ..model import MultiTaskNLU, assert_finite
 from .common import float_copy, quiet_quantization
 
 # 7-bit activations (0..127): x86 kernels without VNNI can overflow 16-bit accumulators with full-range uint8
@@ -68,8 +68,17 @@ def static_structure(model: MultiTaskNLU) -> MultiTaskNLU:
 
 
 def quantize_static(model: MultiTaskNLU, batches, n_batches: int) -> tuple[MultiTaskNLU, int]:
-    """Statically quantized copy of ``model`` calibrated on the first ``n_batches`` of ``batches``."""
+    """Statically quantized copy of ``model`` calibrated on the first ``n_batches`` of ``batches``.
+
+    No calibration data is a ValueError: observers that saw nothing give default scales,
+    and every logit of the converted model would be 0. So is NaN or inf in ``model``.
+    """
+    if n_batches < 1:
+        raise ValueError(f"static quantization needs at least one calibration batch, got n_batches={n_batches}")
+    assert_finite(model.state_dict(), "quantize_static")
     prepared = prepare_static(model)
     with quiet_quantization():
         used = calibrate(prepared, batches, n_batches)
+        if used == 0:
+            raise ValueError("static quantization got an empty calibration set: no batch to calibrate on")
         return tq.convert(prepared, inplace=True), used

@@ -12,7 +12,6 @@ the same decisions at a high rate; ``OnnxNLU`` loads it without pickle.
 from __future__ import annotations
 
 import json
-import pickle
 
 import numpy as np
 import onnx
@@ -258,13 +257,7 @@ def test_refusals(student, pc_model, tmp_path):
     assert not (tmp_path / "bad").exists() and not (tmp_path / "float").exists()
 
 
-def test_loading_runs_no_pickle(nbits_dirs, monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("pickle used")
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(torch, "load", refuse)
+def test_loading_runs_no_pickle(nbits_dirs, refuse_pickle):
     batch = make_batch(0, 2, 6)
     for folder in nbits_dirs.values():
         model = OnnxNLU.load(folder, threads=1)

@@ -50,9 +50,8 @@ from tqdm.auto import tqdm
 
 from transformers import set_seed
 
-from .artifacts import atomic_dir, read_json, read_safetensors
+from .artifacts import atomic_dir, read_json, read_safetensors, sha256_file
 from .features import IGNORE
-from .massive import sha256_of
 from .model import MultiTaskNLU
 from .pretrain import pretrain_encoder
 from .train import collator_for, fit_and_save, model_dir, nlu_config, result_overrides, training_arguments, uses_mlm
@@ -115,7 +114,7 @@ def teacher_outputs(model: MultiTaskNLU, dataset, collator, batch_size: int = 12
 
 def cache_key(teacher_paths: dict[str, Path], split: str, n_examples: int) -> str:
     """Keyed by each teacher's weights (a retrained teacher invalidates it), the split and its size."""
-    weights = {k: sha256_of(Path(v) / "model.safetensors") for k, v in sorted(teacher_paths.items())}
+    weights = {k: sha256_file(Path(v) / "model.safetensors") for k, v in sorted(teacher_paths.items())}
     blob = json.dumps(weights | {"split": split, "n": n_examples})
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

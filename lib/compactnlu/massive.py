@@ -8,7 +8,6 @@ Every malformed record raises :class:`MassiveFormatError` naming file and line.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import datasets
 from tqdm.auto import tqdm
+
+from .artifacts import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -233,14 +234,6 @@ def _check_new_id(rec: dict, number: int, first_seen: dict[str, tuple[int, str]]
 
 # ---------------------------------------------------------------- files
 
-def sha256_of(path: Path | str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(url: str, dest: Path | str) -> Path:
     """Download ``url`` to ``dest`` with a progress bar; the file appears only when complete."""
     dest = Path(dest)
@@ -385,7 +378,7 @@ def locate(massive_dir: Path | str, locales: tuple[str, ...] | list[str], *, ver
             if expected is None:
                 log.warning("no known SHA-256 for %s; not verified", path)
                 continue
-            actual = sha256_of(path)
+            actual = sha256_file(path)
             if actual != expected:
                 raise ValueError(f"{path}: SHA-256 {actual} does not match the official {expected}")
     return paths

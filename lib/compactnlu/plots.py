@@ -285,3 +285,29 @@ def by_length(table: pd.DataFrame, metrics=("id_acc", "dc_acc", "sf_f1")) -> plt
     axes[0].get_legend().remove()
     fig.tight_layout()
     return fig
+
+
+def paper_scale(table: pd.DataFrame) -> plt.Figure:
+    """Notebook 11: time of a batch of 32 against size on disk at XLM-R-base's shape, one point
+    per variant, named in the legend (points of one size sit on one vertical line, so labels
+    beside them would overlap); dashed lines at the issue's bars (0.40x fp32 size, 0.5x fp32 time)."""
+    markers = {"torch float": "o", "torch.ao": "s", "paper path": "v", "fast path": "^", "ONNX Runtime": "D"}
+    shown = table.dropna(subset=["size_mb", "time_b32_s"]).reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    colours = sns.color_palette("tab20", n_colors=max(len(shown), 1))
+    for i, row in shown.iterrows():
+        label = f"{row['variant']} ({row['size_vs_fp32']:.2f}x, {row['time_b32_vs_fp32']:.2f}x)"
+        ax.scatter(row["size_mb"], row["time_b32_s"], marker=markers.get(row["path"], "o"), s=70, color=colours[i],
+                   edgecolor="k", label=label)
+    fp32 = table.set_index("variant").loc["fp32"] if "fp32" in set(table["variant"]) else None
+    if fp32 is not None and pd.notna(fp32["size_mb"]) and pd.notna(fp32["time_b32_s"]):
+        ax.axvline(0.40 * fp32["size_mb"], color="grey", ls="--", lw=1)
+        ax.axhline(0.5 * fp32["time_b32_s"], color="grey", ls="--", lw=1)
+        ax.annotate("bars: 0.40x fp32 size, 0.5x fp32 time", (0.40 * fp32["size_mb"], 0.5 * fp32["time_b32_s"]),
+                    xytext=(4, 4), textcoords="offset points", fontsize=7, color="grey")
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("seconds per batch of 32")
+    ax.set_title("At XLM-R-base's shape: time against size (legend: size, time vs fp32)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="variant", title_fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -112,3 +112,15 @@ def refuse_pickle(monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
+
+
+def labelled_positions(ids: list[int], word_ids: list, bare_space_id: int) -> dict[int, int]:
+    """Word index -> the token that carries its slot label: its first subword, or the next one
+    when the first is a bare "▁" and the word goes on (the rule ``encode_words`` documents)."""
+    positions: dict[int, int] = {}
+    for pos, wid in enumerate(word_ids):
+        if wid is None or wid in positions:
+            continue
+        goes_on = pos + 1 < len(ids) and word_ids[pos + 1] == wid
+        positions[wid] = pos + 1 if ids[pos] == bare_space_id and goes_on else pos
+    return positions

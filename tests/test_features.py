@@ -9,11 +9,11 @@ import compactnlu.features as features
 from compactnlu.compose import LabelSpace
 from compactnlu.config import load_profile
 from compactnlu.features import (
-    IGNORE, SPLITS, MultiTaskCollator, build_study_data, encode_words, load_tokenizer, train_tokenizer,
+    IGNORE, METASPACE, SPLITS, MultiTaskCollator, build_study_data, encode_words, load_tokenizer, train_tokenizer,
 )
 from compactnlu.synthetic import SCENARIOS, SIZES, SLOTS_BY_SCENARIO
 
-from conftest import TEST_LOCALES
+from conftest import TEST_LOCALES, labelled_positions
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +56,10 @@ def test_labels_sit_on_the_first_subword_of_each_word(tokenizer, tag_to_id, samp
         assert word_ids[0] is None and word_ids[-1] is None
         assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
         assert labels[0] == IGNORE and labels[-1] == IGNORE
-        previous = None
-        for pos, wid in enumerate(word_ids):
-            if wid is not None and wid != previous:
-                assert labels[pos] == tag_to_id[r["tags"][wid]]
-            else:
-                assert labels[pos] == IGNORE
-            previous = wid
+        labelled = {pos: wid for wid, pos in
+                    labelled_positions(ids, word_ids, tokenizer.convert_tokens_to_ids(METASPACE)).items()}
+        for pos in range(len(ids)):
+            assert labels[pos] == (tag_to_id[r["tags"][labelled[pos]]] if pos in labelled else IGNORE)
 
 
 def test_words_split_into_several_subwords(tokenizer, sample):
@@ -93,14 +90,9 @@ def test_train_tokenizer_names_a_vocabulary_too_small_for_the_characters(records
         train_tokenizer(records["utt"], vocab_size=20)
 
 
-def _expected_truncated(word_ids, n_words, max_length):
-    kept_first = set()
-    previous = None
-    for pos, wid in enumerate(word_ids[: max_length - 1]):
-        if wid is not None and wid != previous:
-            kept_first.add(wid)
-        previous = wid
-    return n_words - len(kept_first)
+def _expected_truncated(ids, word_ids, bare_space_id, n_words, max_length):
+    kept = [w for w, pos in labelled_positions(ids, word_ids, bare_space_id).items() if pos < max_length - 1]
+    return n_words - len(kept)
 
 
 def test_truncation_counts_the_words_that_lost_their_first_subword(tokenizer, tag_to_id, sample):
@@ -117,7 +109,8 @@ def test_truncation_counts_the_words_that_lost_their_first_subword(tokenizer, ta
         assert ids[:-1] == full_ids[: max_length - 1]
         assert labels[-1] == IGNORE
         assert out["n_subwords"][0] == len(full_ids)
-        expected = _expected_truncated(word_ids, len(r["words"]), max_length)
+        expected = _expected_truncated(full_ids, word_ids, tokenizer.convert_tokens_to_ids(METASPACE), len(r["words"]),
+                                       max_length)
         assert out["truncated_words"][0] == expected, max_length
         assert sum(1 for x in labels if x != IGNORE) == len(r["words"]) - expected
         seen.add(expected)
@@ -243,3 +236,17 @@ def test_max_utterances_per_partition_keeps_every_split(artifacts_dir, tmp_path)
     data = build_study_data(profile)
     assert set(data.features) == set(SPLITS)
     assert all(len(data.features[split]) > 0 for split in SPLITS)
+
+
+def test_a_word_split_off_a_bare_metaspace_is_labelled_on_its_first_real_subword(tokenizer, tag_to_id):
+    # A word the vocabulary has no "▁word…" piece for starts with a bare "▁", which says nothing
+    # about the word: its slot label goes on the subword after it.
+    bare = tokenizer.convert_tokens_to_ids(METASPACE)
+    words = ["ꙮꙮ", "alarm"]  # a character the synthetic corpus never has, then an ordinary word
+    encoded = tokenizer([words], is_split_into_words=True)
+    ids, word_ids = encoded["input_ids"][0], encoded.word_ids(0)
+    assert ids[1] == bare and word_ids[1] == word_ids[2] == 0  # the case this test is about
+    out = encode_words(tokenizer, [words], [["B-time", "O"]], tag_to_id, max_length=64)
+    assert out["slot_labels"][0][1] == IGNORE
+    assert out["slot_labels"][0][2] == tag_to_id["B-time"]
+    assert sum(x != IGNORE for x in out["slot_labels"][0]) == 2

@@ -10,9 +10,10 @@ import torch
 import compactnlu.inference as inference
 from compactnlu.compose import LabelSpace
 from compactnlu.config import load_profile
-from compactnlu.features import train_tokenizer
+from compactnlu.features import METASPACE, train_tokenizer
 from compactnlu.inference import predict, spans
 from compactnlu.model import MultiTaskNLU, NLUConfig
+from conftest import labelled_positions
 
 MAX_LENGTH = 16
 LABELS = LabelSpace(intents=("alarm_set", "play_music"), scenarios=("alarm", "music"), slot_types=("time",))
@@ -44,9 +45,10 @@ def n_subwords(tokenizer, words) -> int:
 
 
 def words_seen(tokenizer, words, max_length: int) -> int:
-    """Words whose first subword lies in the first ``max_length - 1`` tokens (the last slot is </s>)."""
-    word_ids = tokenizer(words, is_split_into_words=True).word_ids()[: max_length - 1]
-    return len({w for w in word_ids if w is not None})
+    """Words whose labelled subword lies in the first ``max_length - 1`` tokens (the last slot is </s>)."""
+    encoded = tokenizer(words, is_split_into_words=True)
+    positions = labelled_positions(encoded["input_ids"], encoded.word_ids(), tokenizer.convert_tokens_to_ids(METASPACE))
+    return sum(1 for pos in positions.values() if pos < max_length - 1)
 
 
 @pytest.mark.parametrize("text", [None, 5, 2.5, b"wake me at five", ["wake", "me"]])

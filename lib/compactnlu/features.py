@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, as XLMRobertaTokenizer expects
 IGNORE = -100
+METASPACE = "▁"  # the word-boundary mark of SentencePiece-style tokenizers (XLM-R's too)
 SPLITS = ("train", "dev", "test", "test_single")
 
 
@@ -83,18 +84,26 @@ def encode_words(tokenizer: PreTrainedTokenizerBase, words_batch, tags_batch, ta
                  max_length: int) -> dict:
     """Token ids, attention masks and first-subword slot labels for pre-split words.
 
+    A word's label goes on its first subword that holds some of the word: a Unigram tokenizer
+    often splits a word it has no "▁word" piece for into a bare "▁" and the rest (12% of words
+    with the default profile's tokenizer), and a bare "▁" says nothing about the word.
     Longer sequences are cut to ``max_length`` (keeping the closing special token); the
-    number of words that lost their first subword is returned as ``truncated_words``.
+    number of words that lost their labelled subword is returned as ``truncated_words``.
     """
     enc = tokenizer(list(words_batch), is_split_into_words=True, truncation=False)
+    bare_space = tokenizer.convert_tokens_to_ids(METASPACE)
     out = {"input_ids": [], "attention_mask": [], "slot_labels": [], "n_subwords": [], "truncated_words": []}
     for i, (words, tags) in enumerate(zip(words_batch, tags_batch)):
         ids = enc["input_ids"][i]
         word_ids = enc.word_ids(i)
-        labels, previous = [], None
-        for wid in word_ids:
-            labels.append(IGNORE if wid is None or wid == previous else tag_to_id[tags[wid]])
-            previous = wid
+        labels = [IGNORE] * len(ids)
+        for position, wid in enumerate(word_ids):
+            if wid is None or (position > 0 and word_ids[position - 1] == wid):
+                continue  # not a word, or not the word's first subword
+            nxt = position + 1
+            if ids[position] == bare_space and nxt < len(ids) and word_ids[nxt] == wid:
+                position = nxt
+            labels[position] = tag_to_id[tags[wid]]
         n_subwords = len(ids)
         if n_subwords > max_length:
             ids = ids[: max_length - 1] + ids[-1:]

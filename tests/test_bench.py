@@ -91,3 +91,20 @@ def test_time_split_separates_forward_and_viterbi():
     assert list(split.index) == ["a", "b"]
     assert (split.forward_s > 0).all() and (split.viterbi_s > 0).all()
     assert ((split.viterbi_share > 0) & (split.viterbi_share < 1)).all()
+
+
+def test_kernels_used_names_how_each_kind_of_variant_runs(tmp_path):
+    from compactnlu.quant import apply_policy, precision_groups, quantize_dynamic
+    from compactnlu.quant.fast import to_fast
+
+    torch.manual_seed(0)
+    model = MultiTaskNLU(NLUConfig(n_intents=3, n_domains=2, tags=("O", "B-x", "I-x"), encoder=dict(
+        vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=40))).eval()
+    groups = precision_groups(model)
+    paper_path = apply_policy(model, {g: 8 for g in groups}, groups)
+    assert bench.kernels_used(model) == "float (torch)"
+    assert bench.kernels_used(quantize_dynamic(model)).startswith("torch.ao quantized")
+    assert bench.kernels_used(paper_path).startswith("paper path")
+    forced = bench.kernels_used(to_fast(paper_path, "dequant", cache=tmp_path / "kernels.json"))
+    assert forced.startswith("dequant x") and "paper" not in forced

@@ -332,7 +332,7 @@ def _with_size(made, size_mb):
 def _fp32(model):
     def build(folder):
         model.save(folder)
-        return model, bench.artifact_size_mb(folder), "float (torch)"
+        return model, bench.artifact_size_mb(folder), bench.kernels_used(model)
     return build
 
 
@@ -342,7 +342,7 @@ def _static(model, calibration):
     def build(folder):
         quantized, used = quantize_static(model, iter(calibration), len(calibration))
         save_quantized(quantized, folder, "static", {"calibration": f"{used} random-token batches"})
-        return quantized, bench.artifact_size_mb(folder), f"torch.ao ({torch.backends.quantized.engine})"
+        return quantized, bench.artifact_size_mb(folder), bench.kernels_used(quantized)
     return build
 
 
@@ -352,7 +352,7 @@ def _dynamic(model):
     def build(folder):
         quantized = quantize_dynamic(model)
         save_quantized(quantized, folder, "dynamic")
-        return quantized, bench.artifact_size_mb(folder), f"torch.ao ({torch.backends.quantized.engine})"
+        return quantized, bench.artifact_size_mb(folder), bench.kernels_used(quantized)
     return build
 
 
@@ -364,16 +364,16 @@ def _precision(model, policy: dict, per_layer: bool, embedding: bool, per_channe
         quantized = apply_policy(model, policy, groups, per_channel=per_channel).eval()
         save_quantized(quantized, folder, "precision", {"policy": policy, "per_channel": per_channel,
                                                          "per_layer": per_layer, "embedding": embedding})
-        return quantized, bench.artifact_size_mb(folder), "paper path (dequantize per call)"
+        return quantized, bench.artifact_size_mb(folder), bench.kernels_used(quantized)
     return build
 
 
 def _fast(rows: int, cache):
-    from .quant.fast import kernel_summary, to_fast
+    from .quant.fast import to_fast
 
     def make(model):
         fast = to_fast(model, "auto", rows=rows, cache=cache)
-        return fast, "fast: " + ", ".join(f"{k} x{n}" for k, n in kernel_summary(fast).items())
+        return fast, "fast: " + bench.kernels_used(fast)
     return make
 
 

@@ -237,3 +237,13 @@ def test_every_field_has_a_range():
 def test_the_special_token_count_matches_the_tokenizer():
     from compactnlu.features import SPECIAL_TOKENS
     assert SPECIAL_TOKEN_COUNT == len(SPECIAL_TOKENS)
+
+
+def test_the_default_profile_gives_every_model_the_same_budget():
+    """Issue 12: baseline, teachers and student train for the same epochs at one learning rate,
+    over at least three training seeds (five on the paper profile)."""
+    default = load_profile("default")
+    assert default.epochs == default.teacher_epochs == default.kd_epochs
+    assert default.learning_rate == default.kd_learning_rate
+    assert default.train_seeds >= 3
+    assert load_profile("paper").train_seeds == 5

@@ -559,15 +559,10 @@ def no_training(*a, **k):
 
 
 def refuse_trainer(monkeypatch):
-    """Make ``from transformers import Trainer`` (as distill_student does) give ``no_training``.
-
-    Patched on ``sys.modules["transformers"]``, not on a module object imported earlier:
-    with transformers 5.x, importing ``transformers.trainer`` puts a new lazy module in
-    ``sys.modules``, and an attribute set on the old object is then never seen.
-    """
-    monkeypatch.setattr(sys.modules["transformers"], "Trainer", no_training)
-    from transformers import Trainer
-    assert Trainer is no_training
+    """Make the Trainer distill_student builds (``train.StudyTrainer``, looked up at call time)
+    give ``no_training``."""
+    from compactnlu import train
+    monkeypatch.setattr(train, "StudyTrainer", no_training)
 
 
 def test_distill_student_saves_then_loads_and_fusion_weights(profile, data, teachers, collator, dev_cache,

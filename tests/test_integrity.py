@@ -332,7 +332,7 @@ def test_checkpoint_problems_are_found(tmp_path):
 
 def test_a_truncated_checkpoint_is_skipped_for_the_one_before(profile, data, artifacts, monkeypatch):  # noqa: F811
     counting = counting_trainer()
-    monkeypatch.setattr(train, "Trainer", counting)
+    monkeypatch.setattr(train, "StudyTrainer", counting)
     counting.stop_after = 4  # killed after step 4: checkpoints 2 and 4 exist, no final model
     with pytest.raises(KeyboardInterrupt):
         train_model(profile, data, "broken", max_steps=6, **STEPS)

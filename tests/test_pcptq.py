@@ -99,6 +99,13 @@ def test_candidates_save_reload_exactly_and_are_reused(profile, data, models, ca
     assert again.folder == found[1].folder and again.history is not None
     assert again.folder.stat().st_mtime == found[1].folder.stat().st_mtime  # loaded, not searched again
 
+    # a selected policy carried to another model by its name: the same candidate, from the cache
+    for c in found:
+        carried = pcptq.reapply(profile, data, cache, "kd", models["kd"], c.policy_name, config)
+        assert carried.folder == c.folder and carried.policy == c.policy
+    with pytest.raises(ValueError, match="unknown PC-PTQ policy 'int3'"):
+        pcptq.reapply(profile, data, cache, "kd", models["kd"], "int3", config)
+
 
 def test_stored_bytes_match_the_floor_for_even_int4_and_shrink_with_bits(models):
     model = models["kd"].model

@@ -25,7 +25,7 @@ from compactnlu.config import load_profile
 from compactnlu.features import build_study_data
 from compactnlu.metrics import predict, task_metrics
 from compactnlu.model import MultiTaskNLU
-from compactnlu.train import collator_for, model_dir, nlu_config, train_model
+from compactnlu.train import StudyTrainer, collator_for, model_dir, nlu_config, train_model
 
 SMOKE = {"epochs": 1}
 
@@ -66,14 +66,14 @@ def dev_metrics(trained, data) -> tuple[dict, float]:
     return task_metrics(df, data.labels), df.attrs["eval_loss"]
 
 
-class NoTraining(transformers.Trainer):
+class NoTraining(StudyTrainer):
     def __init__(self, *a, **k):
         raise RuntimeError("Trainer built: the cache was not used")
 
 
 def counting_trainer():
     """A Trainer that counts its optimisation steps and keeps the last instance."""
-    class Counting(transformers.Trainer):
+    class Counting(StudyTrainer):
         steps = 0
         last = None
 
@@ -114,7 +114,7 @@ def test_train_saves_and_then_returns_the_cached_model(profile, data, artifacts,
     assert saved_config["tasks"] == ["id", "dc", "sf"] and saved_config["tags"] == list(data.labels.tags)
 
     # Second call, same profile: loaded from artifacts/models, no Trainer is even built.
-    monkeypatch.setattr(train, "Trainer", NoTraining)
+    monkeypatch.setattr(train, "StudyTrainer", NoTraining)
     cached = train_model(profile, data, "cache")
     assert cached.path == trained.path
     assert same_weights(cached.model.state_dict(), trained.model.state_dict())
@@ -206,7 +206,7 @@ STEPS = dict(save_strategy="steps", save_steps=2, eval_strategy="steps", eval_st
 
 def test_interrupted_training_resumes_from_the_last_checkpoint(profile, data, artifacts, monkeypatch, caplog):
     counting = counting_trainer()
-    monkeypatch.setattr(train, "Trainer", counting)
+    monkeypatch.setattr(train, "StudyTrainer", counting)
     counting.stop_after = 4  # the run dies after its 4th step, before the final model is saved
     with pytest.raises(KeyboardInterrupt):
         train_model(profile, data, "resume", max_steps=6, **STEPS)
@@ -233,7 +233,7 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(profile, data, ar
 
 def test_retrain_ignores_existing_checkpoints(profile, data, artifacts, monkeypatch, caplog):
     counting = counting_trainer()
-    monkeypatch.setattr(train, "Trainer", counting)
+    monkeypatch.setattr(train, "StudyTrainer", counting)
     train_model(profile, data, "fresh", max_steps=2, **STEPS)
     caplog.set_level(logging.INFO, logger="compactnlu.train")
     counting.steps = 0

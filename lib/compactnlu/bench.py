@@ -41,7 +41,7 @@ def artifact_size_mb(folder: Path | str) -> float:
 def prepared_batches(dataset, collator, batch_size: int) -> list[dict]:
     """The whole split, sorted by length and padded per batch: ``input_ids``, ``attention_mask``
     and the first-subword ``word_mask`` the CRF decodes."""
-    order = np.argsort(np.asarray(dataset["n_subwords"]), kind="stable")
+    order = np.argsort(np.asarray(dataset["n_subwords"][:]), kind="stable")
     batches = []
     for start in range(0, len(order), batch_size):
         batch = collator([dataset[int(i)] for i in order[start:start + batch_size]])
@@ -99,6 +99,26 @@ def latency(models: dict, singles: list[dict], warmup: int = 10) -> pd.DataFrame
             infer(models[name], batch)
             rows.append({"variant": name, "utterance": i, "ms": 1e3 * (time.perf_counter() - start)})
     return pd.DataFrame(rows)
+
+
+def time_classic(model, dataset, labels, repeats: int = 5, n_latency: int = 200) -> pd.DataFrame:
+    """The classic reference (``compactnlu.classic``) in :func:`summarise`'s layout: passes of its
+    ``predict_frame`` over ``dataset`` (features, linear models, CRF and the output table), latency
+    on ``n_latency`` single utterances, throughput over the whole pass. Variant name ``classic``."""
+    passes = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        model.predict_frame(dataset, labels)
+        passes.append({"variant": "classic", "repeat": r, "seconds": time.perf_counter() - start})
+    sample = np.random.default_rng(0).choice(len(dataset), size=min(len(dataset), n_latency), replace=False)
+    singles = [dataset.select([int(i)]) for i in sample]
+    latencies = []
+    for i, single in enumerate(singles):
+        start = time.perf_counter()
+        model.predict_frame(single, labels)
+        latencies.append({"variant": "classic", "utterance": i, "ms": 1e3 * (time.perf_counter() - start)})
+    passes = pd.DataFrame(passes)
+    return summarise(passes, pd.DataFrame(latencies), passes, n_throughput=len(dataset))
 
 
 def summarise(passes: pd.DataFrame, latencies: pd.DataFrame, throughput_passes: pd.DataFrame,

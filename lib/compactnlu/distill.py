@@ -53,6 +53,7 @@ from transformers import set_seed
 from .artifacts import atomic_dir, read_json, read_safetensors, sha256_file
 from .features import IGNORE
 from .model import MultiTaskNLU
+from . import train
 from .pretrain import pretrain_encoder
 from .train import collator_for, fit_and_save, model_dir, nlu_config, result_overrides, training_arguments, uses_mlm
 
@@ -88,11 +89,10 @@ def teacher_outputs(model: MultiTaskNLU, dataset, collator, batch_size: int = 12
     """Per-example logits and per-word emissions and hidden states of one teacher (float16)."""
     model.eval()
     n = len(dataset)
-    words = np.asarray([sum(1 for x in row if x != IGNORE) for row in dataset["slot_labels"]])
+    words = np.asarray([sum(1 for x in row if x != IGNORE) for row in dataset["slot_labels"][:]])
     offsets = np.concatenate([[0], np.cumsum(words)])
     out: dict[str, torch.Tensor] = {}
-    for start in tqdm(range(0, n, batch_size), desc=desc, leave=False):
-        idx = list(range(start, min(start + batch_size, n)))
+    for idx in tqdm(by_length(dataset, batch_size), desc=desc, leave=False):
         batch = collator([dataset[i] for i in idx])
         result = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         word_mask = batch["slot_labels"] != IGNORE
@@ -101,15 +101,22 @@ def teacher_outputs(model: MultiTaskNLU, dataset, collator, batch_size: int = 12
                 out.setdefault(key, torch.empty(n, result[name].shape[1], dtype=torch.float16))[idx] = \
                     result[name].half()
         if "slot_logits" in result:
-            lo, hi = offsets[idx[0]], offsets[idx[-1] + 1]
+            rows = torch.from_numpy(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx]))
             emissions = result["slot_logits"][word_mask]
             hidden = result["hidden"][word_mask]
-            out.setdefault("sf", torch.empty(offsets[-1], emissions.shape[1], dtype=torch.float16))[lo:hi] = \
+            out.setdefault("sf", torch.empty(offsets[-1], emissions.shape[1], dtype=torch.float16))[rows] = \
                 emissions.half()
-            out.setdefault("hidden", torch.empty(offsets[-1], hidden.shape[1], dtype=torch.float16))[lo:hi] = \
+            out.setdefault("hidden", torch.empty(offsets[-1], hidden.shape[1], dtype=torch.float16))[rows] = \
                 hidden.half()
     out["word_offsets"] = torch.from_numpy(offsets)
     return out
+
+
+def by_length(dataset, batch_size: int) -> list[list[int]]:
+    """Batches of example indices of similar length (fewer padded positions than dataset order:
+    a batch of 128 in dataset order pads to its longest example, about twice the median)."""
+    order = np.argsort(np.asarray(dataset["n_subwords"][:]), kind="stable")
+    return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
 
 
 def cache_key(teacher_paths: dict[str, Path], split: str, n_examples: int) -> str:
@@ -324,10 +331,9 @@ def fusion_weights(distiller: "Distiller", data, cache: dict[str, dict], collato
     distiller.eval()
     dataset = attach_rows(data.features[split])
     collate = DistillCollator(collator, cache)
-    locales = np.asarray(dataset["locale"])
+    locales = np.asarray(dataset["locale"][:])
     records = []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="fusion weights", leave=False):
-        idx = list(range(start, min(start + batch_size, len(dataset))))
+    for idx in tqdm(by_length(dataset, batch_size), desc="fusion weights", leave=False):
         batch = collate([dataset[i] for i in idx])
         out = distiller(**batch)
         word_locale = np.repeat(locales[idx], (batch["slot_labels"] != IGNORE).sum(1).numpy())
@@ -360,8 +366,6 @@ def distill_student(profile, data, teachers: dict, config: DistillConfig | None 
     architecture, as in the paper). Epochs and learning rate are the profile's
     ``kd_epochs`` and ``kd_learning_rate``.
     """
-    from transformers import Trainer  # looked up at call time, so tests can stand in for it
-
     config = config or DistillConfig()
     student_profile = dataclasses.replace(profile, **(student_overrides or {}))
     student_config = nlu_config(student_profile, data)
@@ -386,7 +390,7 @@ def distill_student(profile, data, teachers: dict, config: DistillConfig | None 
     set_seed(profile.train_seed)
     student = MultiTaskNLU(student_config)
     distiller = Distiller(student, config, teacher_hidden_size(cache))
-    trainer = Trainer(model=distiller,
+    trainer = train.StudyTrainer(model=distiller,
                       args=training_arguments(student_profile, profile.artifacts_dir / "checkpoints" / final.name,
                                               **overrides),
                       train_dataset=attach_rows(data.features["train"]), eval_dataset=data.features["dev"],

@@ -43,19 +43,40 @@ def predictions_dir(profile: Profile, variant: str) -> Path:
     return profile.artifacts_dir / "predictions" / profile.result_key / variant
 
 
-def evaluate_variant(model, data: StudyData, profile: Profile, variant: str, batch_size: int = 128) -> Evaluation:
-    """Predict the composed and the single-utterance test sets; save predictions and metrics."""
+NO_SINGLE = pd.DataFrame(columns=["locale", "intent_acc", "slot_span_f1", "exact_match"])
+
+
+def _single_metrics(single: pd.DataFrame | None, labels) -> pd.DataFrame:
+    return NO_SINGLE.copy() if single is None else by_locale(single, labels, massive_metrics)
+
+
+def evaluate_variant(model, data: StudyData, profile: Profile, variant: str, batch_size: int = 128,
+                     single: bool = True) -> Evaluation:
+    """Predict the composed and (``single``) the single-utterance test sets; save predictions and metrics.
+
+    ``model`` is a torch model of the study's forward signature, or any object with a
+    ``predict_frame(dataset, labels)`` method returning :func:`metrics.predict`'s rows
+    (the classic reference model), which is used instead. ``single=False`` skips MASSIVE's
+    single-utterance test (the PTQ variants of the later training seeds, which no table reads it for).
+    """
     folder = predictions_dir(profile, variant)
-    collate = collator_for(data)
+    if hasattr(model, "predict_frame"):
+        def run(split, desc):
+            return model.predict_frame(data.features[split], data.labels)
+    else:
+        collate = collator_for(data)
+
+        def run(split, desc):
+            return predict(model, data.features[split], collate, data.labels, batch_size, desc=desc)
     start = time.perf_counter()
-    composed = predict(model, data.features["test"], collate, data.labels, batch_size, desc=f"{variant} test")
-    single = predict(model, data.features["test_single"], collate, data.labels, batch_size,
-                     desc=f"{variant} single")
+    composed = run("test", f"{variant} test")
+    singles = run("test_single", f"{variant} single") if single else None
     seconds = time.perf_counter() - start
     save_predictions(composed, folder / "test.parquet")
-    save_predictions(single, folder / "test_single.parquet")
-    result = Evaluation(variant, by_locale(composed, data.labels), by_locale(single, data.labels, massive_metrics),
-                        composed.attrs["eval_loss"], seconds)
+    if singles is not None:
+        save_predictions(singles, folder / "test_single.parquet")
+    result = Evaluation(variant, by_locale(composed, data.labels), _single_metrics(singles, data.labels),
+                        composed.attrs.get("eval_loss", float("nan")), seconds)
     write_json(folder / "summary.json", {"eval_loss": result.eval_loss, "predict_seconds": seconds})
     return result
 
@@ -64,8 +85,9 @@ def load_evaluation(profile: Profile, data: StudyData, variant: str) -> Evaluati
     """The saved predictions of a variant, with metrics recomputed from them."""
     folder = predictions_dir(profile, variant)
     composed = load_predictions(folder / "test.parquet")
-    single = load_predictions(folder / "test_single.parquet")
+    path = folder / "test_single.parquet"
+    single = load_predictions(path) if path.exists() else None
     summary = read_json(folder / "summary.json")
-    return Evaluation(variant, by_locale(composed, data.labels), by_locale(single, data.labels, massive_metrics),
+    return Evaluation(variant, by_locale(composed, data.labels), _single_metrics(single, data.labels),
                       summary["eval_loss"], summary["predict_seconds"])
 

@@ -30,6 +30,8 @@ from .artifacts import atomic_write
 from .compose import LabelSpace
 
 METRIC_COLUMNS = ["id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1"]
+# the feature columns the study's collators read
+MODEL_INPUTS = ["input_ids", "slot_labels", "intent_ids", "scenario_ids"]
 
 
 def decide_sets(probs: np.ndarray, threshold: float) -> list[list[int]]:
@@ -48,16 +50,18 @@ def predict(model, dataset, collator, labels: LabelSpace, batch_size: int = 128,
     ``df.attrs["eval_loss"]`` holds the mean loss where the model computes one.
     """
     model.eval()
-    lengths = np.asarray(dataset["n_subwords"])
+    lengths = np.asarray(dataset["n_subwords"][:])
     order = np.argsort(lengths, kind="stable")
     meta = dataset.select_columns(["uid", "locale", "n_parts", "intents", "scenarios", "tags"]).to_pandas()
     tasks = getattr(model, "tasks", ("id", "dc", "sf"))
     tag_names = labels.tags  # a property that builds the tuple anew on each access
     rows: dict[int, dict] = {}
     losses, weights = [], []
+    inputs = dataset.select_columns([c for c in MODEL_INPUTS if c in dataset.column_names])
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[start:start + batch_size].tolist()
-        batch = collator([dataset[i] for i in idx])
+        columns = inputs[idx]  # one columnar read a batch, not one row read an example
+        batch = collator([dict(zip(columns, values)) for values in zip(*columns.values())])
         out = model(**batch)
         if "loss" in out:
             losses.append(float(out["loss"]))

@@ -81,6 +81,21 @@ def candidates(profile, data, cache, name: str, trained, config: SearchConfig, l
     return out
 
 
+def reapply(profile, data, cache, name: str, trained, policy_name: str, config: SearchConfig) -> Candidate:
+    """The candidate called ``policy_name`` (as :func:`candidates` names them) made for ``trained``:
+    how a policy selected on one training seed is carried to the models of the others."""
+    if policy_name.startswith("lambda="):
+        return searched(profile, data, cache, name, trained, replace(config, lam=float(policy_name[7:])))
+    if policy_name.startswith("uniform-"):
+        bits = int(policy_name[8:])
+        return fixed(profile, name, trained, policy_name,
+                     uniform_policy(trained.model, bits, config.per_layer, config.embedding), config)
+    if policy_name == "sensitivity":
+        policy, _ = sensitivity_only_policy(trained.model, data, cache, collator_for(data), config)
+        return fixed(profile, name, trained, policy_name, policy, config)
+    raise ValueError(f"unknown PC-PTQ policy {policy_name!r}; expected lambda=<x>, uniform-<bits> or sensitivity")
+
+
 def split_metrics(model: nn.Module, data, split: str) -> dict[str, float]:
     """The six metrics on a whole composed split (``dev`` for choosing, ``test`` for reporting)."""
     df = predict(model, data.features[split], collator_for(data), data.labels, desc=split)

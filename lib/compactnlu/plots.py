@@ -5,10 +5,117 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
+from adjustText import adjust_text
+from matplotlib.lines import Line2D
 
 sns.set_theme(style="whitegrid", context="notebook")
+
+METRICS = ("id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1")
+LABEL_GID = "point-label"  # gid of the texts that name points (tests find them by it)
+
+
+def _palette(n: int) -> list:
+    """seaborn's rule for hue colours: the current palette, or husl when it has too few."""
+    return sns.color_palette(None if n <= len(sns.color_palette()) else "husl", max(n, 1))
+
+
+def _error_bars(ax: plt.Axes, x, y, err, **style) -> None:
+    """Vertical ±``err`` bars at (x, y); points whose error is NaN (one seed) get none."""
+    x, y, err = (np.asarray(v, dtype=float) for v in (x, y, err))
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(err)
+    if ok.any():
+        ax.errorbar(x[ok], y[ok], yerr=err[ok], fmt="none", **{"ecolor": "0.2", "elinewidth": 0.9, "capsize": 2.5,
+                                                               "zorder": 3, **style})
+
+
+def _std_of(table: pd.DataFrame, metric: str) -> np.ndarray:
+    """``<metric>_std`` of each row, NaN where the column is absent."""
+    column = f"{metric}_std"
+    return table[column].to_numpy(dtype=float) if column in table else np.full(len(table), np.nan)
+
+
+def _mean_std(table: pd.DataFrame, id_column: str, metrics) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per id, in the order ids first appear: the mean of each metric and its spread, taken from
+    ``<metric>_std`` where the table has it, else the std over the id's rows (NaN for one row)."""
+    grouped = table.groupby(id_column, sort=False)
+    means = grouped[list(metrics)].mean()
+    stds = pd.DataFrame({m: grouped[f"{m}_std"].first() if f"{m}_std" in table else grouped[m].std(ddof=1)
+                         for m in metrics}, index=means.index)
+    return means, stds
+
+
+def _grouped_bars(ax: plt.Axes, table: pd.DataFrame, id_column: str, metrics) -> None:
+    """One group of bars per metric, one bar per id, mean ± std error bars."""
+    metrics = [m for m in metrics if m in table]
+    means, stds = _mean_std(table, id_column, metrics)
+    width = 0.8 / max(len(means), 1)
+    x = np.arange(len(metrics), dtype=float)
+    for i, (colour, (name, mean)) in enumerate(zip(_palette(len(means)), means.iterrows())):
+        pos = x - 0.4 + width * (i + 0.5)
+        shown = mean.notna().to_numpy()
+        ax.bar(pos[shown], mean.to_numpy()[shown], width, color=colour, label=str(name))
+        _error_bars(ax, pos, mean.to_numpy(), stds.loc[name].to_numpy())
+    ax.set_xticks(x, metrics)
+    ax.set_xlim(-0.5, len(metrics) - 0.5)
+
+
+def _overlap(a, b, pad: float) -> bool:
+    return a.x0 < b.x1 + pad and b.x0 < a.x1 + pad and a.y0 < b.y1 + pad and b.y0 < a.y1 + pad
+
+
+def _free_spot(box, placed: list, frame, pad: float) -> tuple[float, float]:
+    """Smallest shift (display units) that clears ``box`` of every box in ``placed``, inside
+    ``frame`` if possible."""
+    steps = sorted(((i * 0.5 * box.width, j * (box.height + pad)) for i in range(-4, 5) for j in range(-12, 13)),
+                   key=lambda s: np.hypot(*s))
+    outside = None
+    for dx, dy in steps:
+        moved = box.translated(dx, dy)
+        if any(_overlap(moved, other, pad) for other in placed):
+            continue
+        if frame.x0 <= moved.x0 and moved.x1 <= frame.x1 and frame.y0 <= moved.y0 and moved.y1 <= frame.y1:
+            return dx, dy
+        outside = outside or (dx, dy)
+    return outside or (0.0, max(other.y1 for other in placed) + pad - box.y0)
+
+
+def _label_points(ax: plt.Axes, xs, ys, labels, fontsize: float = 7) -> list:
+    """Name each point with a text that overlaps no other: adjustText spreads them, a last pass
+    moves any that still touch, and a grey line joins a text that moved away to its point.
+    Call it last: the figure's layout and the axes' limits must be final (they are frozen here)."""
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    keep = np.isfinite(xs) & np.isfinite(ys)
+    xs, ys, labels = xs[keep], ys[keep], [str(label) for label, k in zip(labels, keep) if k]
+    if not labels:
+        return []
+    ax.set_xlim(ax.get_xlim())
+    ax.set_ylim(ax.get_ylim())
+    texts = [ax.text(x, y, label, fontsize=fontsize, gid=LABEL_GID, zorder=5) for x, y, label in zip(xs, ys, labels)]
+    adjust_text(texts, x=xs, y=ys, ax=ax, iter_lim=60, expand=(1.1, 1.3), max_move=(15, 15))
+    renderer = ax.figure.canvas.get_renderer()
+    frame, pad = ax.get_window_extent(renderer), 1.5
+    boxes = [text.get_window_extent(renderer) for text in texts]
+    placed = []
+    for i in sorted(range(len(texts)), key=lambda i: (boxes[i].y0, boxes[i].x0)):
+        box = boxes[i]
+        if any(_overlap(box, other, pad) for other in placed):
+            dx, dy = _free_spot(box, placed, frame, pad)
+            box = box.translated(dx, dy)
+            centre = ax.transData.transform(texts[i].get_position()) + (dx, dy)
+            texts[i].set_position(ax.transData.inverted().transform(centre))
+        placed.append(box)
+        target = ax.transData.transform((xs[i], ys[i]))
+        gap = np.array([max(box.x0 - target[0], 0, target[0] - box.x1), max(box.y0 - target[1], 0, target[1] - box.y1)])
+        if np.hypot(*gap) > 6:  # the text sits away from its point: a line from the box's edge to it
+            centre = np.array([(box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2])
+            d = target - centre
+            s = min(box.width / 2 / abs(d[0]) if d[0] else np.inf, box.height / 2 / abs(d[1]) if d[1] else np.inf)
+            (sx, sy), (tx, ty) = ax.transData.inverted().transform([centre + s * d, target])
+            ax.add_line(Line2D([sx, tx], [sy, ty], lw=0.5, color="0.55", zorder=2))
+    return texts
 
 
 def save(fig: plt.Figure, folder: Path | str, name: str) -> Path:
@@ -118,12 +225,12 @@ def fusion_weights(weights: pd.DataFrame) -> plt.Figure:
     return grid.figure
 
 
-def models_by_task(table: pd.DataFrame, id_column: str = "model", title: str = "") -> plt.Figure:
-    """Grouped bars: each metric, one bar per model."""
-    columns = [c for c in ["id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1"] if c in table]
-    long = table.melt(id_vars=[id_column], value_vars=columns).dropna()
+def models_by_task(table: pd.DataFrame, id_column: str | None = None, title: str = "") -> plt.Figure:
+    """Grouped bars: each metric, one bar per model (mean ± std over training seeds where the
+    table has ``<metric>_std``). ``id_column``: ``variant`` if the table has it, else ``model``."""
+    id_column = id_column or ("variant" if "variant" in table else "model")
     fig, ax = plt.subplots(figsize=(10, 4))
-    sns.barplot(data=long, x="variable", y="value", hue=id_column, ax=ax)
+    _grouped_bars(ax, table, id_column, METRICS)
     ax.set_xlabel("")
     ax.set_ylabel("")
     ax.set_ylim(0, 1)
@@ -179,51 +286,54 @@ def search_history(histories: dict[str, pd.DataFrame]) -> plt.Figure:
 
 def pareto(points: pd.DataFrame, metrics=("id_acc", "sf_f1")) -> plt.Figure:
     """Artifact size against accuracy: ``points`` has ``model`` (fp32 source), ``kind``
-    (λ sweep, uniform, sensitivity, dynamic int8, fp32), ``label`` and ``size_mb`` + metrics."""
+    (λ sweep, uniform, sensitivity, dynamic int8, fp32), ``label`` and ``size_mb`` + metrics
+    (optional ``<metric>_std``: error bars over training seeds)."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.2 * len(metrics), 4.4), squeeze=False)
     markers = {"λ sweep": "o", "uniform": "s", "sensitivity": "D", "dynamic int8": "^", "static int8": "v",
                "fp32": "*", "selected": "P"}
     for ax, metric in zip(axes[0], metrics):
         sns.scatterplot(data=points, x="size_mb", y=metric, hue="model", style="kind", markers=markers, s=90,
                         ax=ax)
+        _error_bars(ax, points["size_mb"], points[metric], _std_of(points, metric))
         for model, part in points[points.kind == "λ sweep"].sort_values("size_mb").groupby("model"):
             ax.plot(part.size_mb, part[metric], lw=0.8, alpha=0.5, color="grey")
-        for _, row in points.iterrows():
-            ax.annotate(row["label"], (row["size_mb"], row[metric]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
         ax.set_xlabel("artifact size on disk (MB)")
         ax.set_title(metric)
         if ax is not axes[0][-1]:
             ax.get_legend().remove()
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
+    for ax, metric in zip(axes[0], metrics):
+        _label_points(ax, points["size_mb"], points[metric], points["label"], fontsize=6)
     return fig
 
 
 def size_vs_accuracy(table: pd.DataFrame, metrics=("id_acc", "dc_acc", "sf_f1")) -> plt.Figure:
-    """Fig. 4: artifact size against accuracy, one panel per metric, one point per variant."""
+    """Fig. 4: artifact size against accuracy, one panel per metric, one point per variant
+    (error bars: ± std over training seeds, where the table has ``<metric>_std``)."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         sns.scatterplot(data=table, x="size_mb", y=metric, hue="variant", s=80, ax=ax, legend=ax is axes[0][-1])
-        for _, row in table.iterrows():
-            ax.annotate(row["variant"], (row["size_mb"], row[metric]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+        _error_bars(ax, table["size_mb"], table[metric], _std_of(table, metric))
         ax.set_xlabel("size on disk (MB)")
         ax.set_title(metric)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
+    for ax, metric in zip(axes[0], metrics):
+        _label_points(ax, table["size_mb"], table[metric], table["variant"], fontsize=6)
     return fig
 
 
 def accuracy_by_task(table: pd.DataFrame, metrics=("id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1")
                      ) -> plt.Figure:
-    """Fig. 5: every metric for every variant."""
-    long = table.melt(id_vars="variant", value_vars=list(metrics), var_name="metric", value_name="score")
+    """Fig. 5: every metric for every variant, mean ± std over training seeds."""
     fig, ax = plt.subplots(figsize=(13, 4.2))
-    sns.barplot(data=long, x="metric", y="score", hue="variant", ax=ax)
+    _grouped_bars(ax, table, "variant", metrics)
+    ax.set_xlabel("metric")
+    ax.set_ylabel("score")
     ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
     ax.set_ylim(0, 1)
-    ax.set_title("Accuracy by task (composed test set)")
+    ax.set_title("Accuracy by task (composed test set; error bars: ± std over training seeds)")
     fig.tight_layout()
     return fig
 
@@ -233,25 +343,39 @@ def efficiency(table: pd.DataFrame, colour: str = "id_acc") -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     points = ax.scatter(table["size_mb"], table["inference_s"], c=table[colour], s=40 + 20 * table["latency_p50_ms"],
                         cmap="viridis", edgecolor="k")
-    for _, row in table.iterrows():
-        ax.annotate(row["variant"], (row["size_mb"], row["inference_s"]), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
     fig.colorbar(points, ax=ax, label=colour)
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel("inference over the composed test set (s)")
     ax.set_title("Efficiency: time against size (marker area ~ latency p50)")
     fig.tight_layout()
+    _label_points(ax, table["size_mb"], table["inference_s"], table["variant"], fontsize=7)
     return fig
 
 
+def _cell(mean: float, std: float, fmt: str) -> str:
+    if pd.isna(mean):
+        return ""
+    return format(mean, fmt) + ("" if pd.isna(std) else "\n±" + format(std, fmt))
+
+
 def variants_by_locale(table: pd.DataFrame, metrics=("id_acc", "dc_acc", "sf_f1"), fmt: str = ".3f") -> plt.Figure:
-    """Heatmaps of variant × locale, one panel per metric (``table``: variant, locale, metrics)."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.6 * len(metrics), 0.42 * table.variant.nunique() + 1.8),
+    """Heatmaps of variant × locale, one panel per metric (``table``: variant, locale, metrics;
+    where it has ``<metric>_std``, each cell reads "mean ±std" on two lines, coloured by the mean)."""
+    spread = any(f"{m}_std" in table for m in metrics)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.6 * len(metrics),
+                                                       (0.7 if spread else 0.42) * table.variant.nunique() + 1.8),
                              squeeze=False)
     order = list(dict.fromkeys(table.variant))
     for ax, metric in zip(axes[0], metrics):
         grid = table.pivot(index="variant", columns="locale", values=metric).reindex(order)
-        sns.heatmap(grid, annot=True, fmt=fmt, cmap="viridis", ax=ax, cbar=False, annot_kws={"fontsize": 7})
+        annot, cell_fmt = True, fmt
+        if f"{metric}_std" in table:
+            std = table.pivot(index="variant", columns="locale", values=f"{metric}_std").reindex(
+                index=grid.index, columns=grid.columns)
+            annot = np.array([[_cell(m, s, fmt) for m, s in zip(means, stds)]
+                              for means, stds in zip(grid.to_numpy(), std.to_numpy())], dtype=object)
+            cell_fmt = ""
+        sns.heatmap(grid, annot=annot, fmt=cell_fmt, cmap="viridis", ax=ax, cbar=False, annot_kws={"fontsize": 7})
         ax.set_title(metric)
         ax.set_xlabel("")
         ax.set_ylabel("")

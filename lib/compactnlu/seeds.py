@@ -1,9 +1,8 @@
-"""The PTQ stage repeated over seeds, for Welch's test in notebook 10.
+"""The PTQ stage repeated over its own seeds on seed 0's fp32 models, for one of notebook 10's tests.
 
 What a seed varies here: the sample and order of the calibration batches of static PTQ, and
-the batch order and Gumbel noise of the precision search (with its fine-tuning). The fp32
-models are trained once: a training seed costs about ten minutes of this machine per model,
-more than the significance notebook's budget (the paper profile can afford both).
+the batch order and Gumbel noise of the precision search (with its fine-tuning). Variation over
+training seeds, the test of the paper's claims, is ``compactnlu.replicates``'.
 """
 
 from __future__ import annotations

@@ -18,33 +18,12 @@ import skops.io as sio
 from compactnlu import classic
 from compactnlu.artifacts import read_json, with_checksums, write_json
 from compactnlu.classic import ClassicNLU, size_bytes, train_classic
-from compactnlu.config import load_profile
 from compactnlu.evaluation import evaluate_variant, predictions_dir
-from compactnlu.features import build_study_data
+from test_train import artifacts, data, profile  # noqa: F401 (smoke fixtures, one thread)
 
 # metrics.predict's columns, in its order
 COLUMNS = ["uid", "locale", "n_parts", "intents_gold", "scenarios_gold", "tags_gold",
            "intents_pred", "intent_top", "intent_top_prob", "scenarios_pred", "tags_pred"]
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("classic") / "artifacts"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("COMPACTNLU_ARTIFACTS", str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
-def profile(artifacts):
-    p = load_profile("smoke")
-    assert p.artifacts_dir == artifacts
-    return p
-
-
-@pytest.fixture(scope="module")
-def data(profile):
-    return build_study_data(profile)
 
 
 @pytest.fixture(scope="module")

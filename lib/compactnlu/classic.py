@@ -46,7 +46,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from .artifacts import read_json, verify_checksums, with_checksums, write_json, atomic_dir
 from .config import FEATURE_FIELDS, Profile
 from .features import StudyData
-from .metrics import decide_sets, one_label_per_word
+from .metrics import decide_sets, multi_hot, one_label_per_word
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,6 @@ def _texts(dataset) -> list[str]:
     return [" ".join(words) for words in dataset["words"]]
 
 
-def _multi_hot(sets, names) -> np.ndarray:
-    index = {name: i for i, name in enumerate(names)}
-    out = np.zeros((len(sets), len(names)), dtype=np.int8)
-    for row, labels in enumerate(sets):
-        out[row, [index[x] for x in labels]] = 1
-    return out
-
-
 def _seed_c_rand(seed: int) -> None:
     """Seed the C library's ``rand()``: CRFsuite draws its shuffles from it, so a fit repeats exactly."""
     try:
@@ -158,8 +150,8 @@ class ClassicNLU:
                     estimator.coef_ = estimator.coef_.astype(np.float32)
             return fitted
 
-        self.intent_clf = classifier(_multi_hot(dataset["intents"], self.intents))
-        self.domain_clf = classifier(_multi_hot(dataset["scenarios"], self.scenarios))
+        self.intent_clf = classifier(multi_hot(dataset["intents"], self.intents))
+        self.domain_clf = classifier(multi_hot(dataset["scenarios"], self.scenarios))
 
         text_seconds = time.perf_counter() - start
         _seed_c_rand(s.seed)

@@ -95,7 +95,8 @@ def predict(model, dataset, collator, labels: LabelSpace, batch_size: int = 128,
     return df
 
 
-def _multi_hot(sets, names) -> np.ndarray:
+def multi_hot(sets, names) -> np.ndarray:
+    """``[n, len(names)]`` int8 indicators of each set of label names."""
     index = {n: i for i, n in enumerate(names)}
     out = np.zeros((len(sets), len(names)), dtype=np.int8)
     for r, labels in enumerate(sets):
@@ -104,7 +105,7 @@ def _multi_hot(sets, names) -> np.ndarray:
 
 
 def _set_metrics(gold, pred, names) -> tuple[float, float, float]:
-    y_true, y_pred = _multi_hot(gold, names), _multi_hot(pred, names)
+    y_true, y_pred = multi_hot(gold, names), multi_hot(pred, names)
     exact = float((y_true == y_pred).all(1).mean())
     macro = f1_score(y_true, y_pred, average="macro", zero_division=0)
     micro = f1_score(y_true, y_pred, average="micro", zero_division=0)

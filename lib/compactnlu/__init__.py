@@ -1,0 +1,1 @@
+"""compactnlu: the library behind the study's notebooks (README, "Layout")."""

@@ -7,8 +7,7 @@ import dataclasses
 import pytest
 
 from compactnlu.config import (
-    DATA_FIELDS, FEATURE_FIELDS, FIELD_RANGES, PROFILES, ROOT, SPECIAL_TOKEN_COUNT, TOKENIZER_FIELDS, Profile,
-    ProfileError, load_profile,
+    FIELD_RANGES, PROFILES, ROOT, SPECIAL_TOKEN_COUNT, Profile, ProfileError, load_profile, short_hash,
 )
 
 
@@ -89,52 +88,20 @@ def test_default_massive_dir_follows_the_environment_at_construction(monkeypatch
     assert Profile(name="x").massive_dir == str(ROOT / "data" / "massive")
 
 
-# ---------------------------------------------------------------- cache keys
+# ---------------------------------------------------------------- hashes (cache keys: test_cachekeys.py)
 
-@pytest.mark.parametrize("field, value", [
-    ("seed", 14), ("locales", ("hi-IN",)), ("composed_per_utterance", 2.0),
-    ("compose_k_probs", (0.5, 0.5)), ("max_utterances_per_partition", 10), ("massive_dir", "/somewhere/else"),
-])
-def test_key_changes_when_a_named_field_changes(field, value):
-    base = load_profile("default")
-    changed = load_profile("default", {field: value})
-    assert field in DATA_FIELDS
-    assert changed.key(*DATA_FIELDS) != base.key(*DATA_FIELDS)
-
-
-@pytest.mark.parametrize("field, value", [
-    ("epochs", 9.0), ("learning_rate", 0.1), ("hidden_size", 8), ("max_length", 64), ("vocab_size", 10),
-])
-def test_key_ignores_fields_it_does_not_name(field, value):
-    base = load_profile("default")
-    changed = load_profile("default", {field: value})
-    assert changed.key(*DATA_FIELDS) == base.key(*DATA_FIELDS)
-
-
-def test_field_groups_nest_so_each_cache_invalidates_the_next():
-    base = load_profile("smoke")
-    longer = load_profile("smoke", {"max_length": 256})
-    assert longer.key(*TOKENIZER_FIELDS) == base.key(*TOKENIZER_FIELDS)
-    assert longer.key(*FEATURE_FIELDS) != base.key(*FEATURE_FIELDS)
-    bigger_vocab = load_profile("smoke", {"vocab_size": 3000})
-    assert bigger_vocab.key(*DATA_FIELDS) == base.key(*DATA_FIELDS)
-    assert bigger_vocab.key(*TOKENIZER_FIELDS) != base.key(*TOKENIZER_FIELDS)
-    assert bigger_vocab.key(*FEATURE_FIELDS) != base.key(*FEATURE_FIELDS)
-
-
-def test_key_is_short_stable_and_order_independent():
-    profile = load_profile("default")
-    key = profile.key("seed", "vocab_size")
+def test_short_hash_is_short_stable_and_order_independent():
+    key = short_hash({"seed": 13, "vocab_size": 12000})
     assert len(key) == 12 and all(c in "0123456789abcdef" for c in key)
-    assert key == profile.key("vocab_size", "seed") == load_profile("default").key("seed", "vocab_size")
-    assert profile.key("seed") != profile.key("vocab_size")
+    assert key == short_hash({"vocab_size": 12000, "seed": 13})
+    assert key != short_hash({"seed": 14, "vocab_size": 12000})
 
 
-def test_key_sees_the_same_massive_dir_through_a_relative_path(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    relative = load_profile("default", {"massive_dir": "data/massive"})
-    absolute = load_profile("default", {"massive_dir": str(tmp_path / "data" / "massive")})
-    assert relative.key("massive_dir") == absolute.key("massive_dir")
+def test_result_key_ignores_the_name_and_where_the_data_lies_but_not_a_result_field():
+    base = load_profile("default")
+    assert load_profile("default", {"massive_dir": "/somewhere/else"}).result_key == base.result_key
+    assert dataclasses.replace(base, name="other").result_key == base.result_key
+    assert load_profile("default", {"bench_repeats": 9}).result_key != base.result_key
 
 
 def test_to_dict_holds_every_field():
@@ -189,7 +156,6 @@ def test_to_dict_holds_every_field():
     ("num_heads", 0, "num_heads=0 is out of range; allowed: >= 1"),
     ("num_layers", 0, "num_layers=0 is out of range; allowed: >= 1"),
     ("intermediate_size", 0, "intermediate_size=0 is out of range; allowed: >= 1"),
-    ("seeds", 0, "seeds=0 is out of range; allowed: >= 1"),
     ("bench_repeats", 0, "bench_repeats=0 is out of range; allowed: >= 1"),
     ("pcptq_steps", 0, "pcptq_steps=0 is out of range; allowed: >= 1"),
     ("pcptq_lambdas", [], "pcptq_lambdas=() is out of range; allowed: a non-empty list"),
@@ -222,7 +188,7 @@ def test_a_profile_built_or_replaced_directly_is_validated_too():
     {"loss_weights": [1, 0, 0], "mlm_epochs": 0, "dropout": 0.0, "warmup_ratio": 0.0, "weight_decay": 0},
     {"locales": ["hi-IN", "en-US"], "max_utterances_per_partition": None, "compose_k_probs": [1.0]},
     {"compose_k_probs": [0.1, 0.2, 0.7]},  # sums to 1 only up to rounding
-    {"hidden_size": 8, "num_heads": 8, "max_length": 8, "vocab_size": SPECIAL_TOKEN_COUNT + 1, "seeds": 1},
+    {"hidden_size": 8, "num_heads": 8, "max_length": 8, "vocab_size": SPECIAL_TOKEN_COUNT + 1},
     {"model_name": "xlm-roberta-base", "tokenizer_name": "xlm-roberta-base", "pooling": "cls"},
     {"massive_dir": "", "synthetic_data": True},
 ])

@@ -13,18 +13,20 @@ import dataclasses
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import compactnlu.distill as distill
+import compactnlu.teacher_cache as teacher_cache
 from compactnlu.config import load_profile
-from compactnlu.distill import (TASK_TEACHERS, DistillCollator, DistillConfig, Distiller, TeacherFusion,
-                                adaptive_temperature, attach_rows, cache_key, cached_teacher_outputs,
-                                contrastive_loss, distill_student, fuse, fusion_weights, multilabel_confidence,
-                                multilabel_kd, representation_mse, teacher_outputs, token_kd)
+from compactnlu.distill import (TASK_TEACHERS, DistillCollator, DistillConfig, Distiller, attach_rows,
+                                distill_student, fusion_weights)
+from compactnlu.kd_losses import (TeacherFusion, adaptive_temperature, contrastive_loss, fuse, multilabel_confidence,
+                                  multilabel_kd, representation_mse, token_kd)
+from compactnlu.teacher_cache import cached_teacher_outputs, teacher_outputs, teacher_outputs_dir
 from compactnlu.features import build_study_data
 from compactnlu.model import MultiTaskNLU, NLUConfig
 from compactnlu.train import TEACHERS, collator_for, train_model
@@ -431,16 +433,23 @@ def teachers(profile, data):
 
 @pytest.fixture(scope="module")
 def dev_cache(teachers, data, profile, collator):
-    return cached_teacher_outputs(teachers, data, "dev", profile.artifacts_dir / "teacher_cache", collator)
+    return cached_teacher_outputs(profile, teachers, data, "dev", collator)
 
 
 def word_counts(dataset) -> list[int]:
     return [sum(1 for x in row if x != -100) for row in dataset["slot_labels"]]
 
 
-def test_teacher_cache_is_written_then_reused(teachers, data, collator, tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    first = cached_teacher_outputs(teachers, data, "dev", root, collator)
+@pytest.fixture
+def fresh_artifacts(tmp_path, monkeypatch) -> Path:
+    """An empty artifacts folder for this test (the teachers stay where they were trained)."""
+    monkeypatch.setenv("COMPACTNLU_ARTIFACTS", str(tmp_path))
+    return tmp_path
+
+
+def test_teacher_cache_is_written_then_reused(profile, teachers, data, collator, fresh_artifacts, monkeypatch):
+    root = fresh_artifacts / "teacher_cache"
+    first = cached_teacher_outputs(profile, teachers, data, "dev", collator)
     folders = list(root.iterdir())
     assert len(folders) == 1 and folders[0].name.startswith("dev-")
     assert sorted(p.name for p in folders[0].iterdir()) == sorted(f"{n}.safetensors" for n in TEACHERS)
@@ -452,8 +461,8 @@ def test_teacher_cache_is_written_then_reused(teachers, data, collator, tmp_path
 
     def refuse(*a, **k):
         raise AssertionError("teacher_outputs recomputed: the cache was not used")
-    monkeypatch.setattr(distill, "teacher_outputs", refuse)
-    again = cached_teacher_outputs(teachers, data, "dev", root, collator)
+    monkeypatch.setattr(teacher_cache, "teacher_outputs", refuse)
+    again = cached_teacher_outputs(profile, teachers, data, "dev", collator)
     assert list(root.iterdir()) == folders
     for name in TEACHERS:
         assert set(again[name]) == set(first[name])
@@ -461,7 +470,7 @@ def test_teacher_cache_is_written_then_reused(teachers, data, collator, tmp_path
             assert torch.equal(again[name][key], first[name][key]), (name, key)
     # the test split is another cache entry (and needs the teachers again)
     with pytest.raises(AssertionError, match="cache was not used"):
-        cached_teacher_outputs(teachers, data, "test", root, collator)
+        cached_teacher_outputs(profile, teachers, data, "test", collator)
 
 
 def test_cached_outputs_are_the_teachers_outputs(teachers, data, collator, dev_cache):
@@ -501,17 +510,17 @@ def test_cached_word_offsets_match_slot_labels(data, dev_cache):
                 assert cache[key].shape[0] == sum(counts), (name, key)
 
 
-def test_retrained_teacher_invalidates_the_cache(teachers, data, collator, tmp_path):
-    root = tmp_path / "cache"
-    before = cached_teacher_outputs(teachers, data, "dev", root, collator)
+def test_retrained_teacher_invalidates_the_cache(profile, teachers, data, collator, fresh_artifacts):
+    root = fresh_artifacts / "teacher_cache"
+    before = cached_teacher_outputs(profile, teachers, data, "dev", collator)
     retrained = train_model(load_profile("smoke", {**SMOKE, "learning_rate": 1e-3}), data, "teacher_idsf",
                             tasks=TEACHERS["teacher_idsf"])
     assert retrained.path != teachers["teacher_idsf"].path
     swapped = {**teachers, "teacher_idsf": retrained}
-    after = cached_teacher_outputs(swapped, data, "dev", root, collator)
+    after = cached_teacher_outputs(profile, swapped, data, "dev", collator)
 
     folders = sorted(p.name for p in root.iterdir())
-    expected = sorted(f"dev-{cache_key({k: t.path for k, t in ts.items()}, 'dev', len(data.features['dev']))}"
+    expected = sorted(teacher_outputs_dir(profile, ts, "dev", len(data.features["dev"])).name
                       for ts in (teachers, swapped))
     assert len(set(expected)) == 2 and folders == expected
     assert not torch.equal(after["teacher_idsf"]["id"], before["teacher_idsf"]["id"])  # really recomputed
@@ -590,7 +599,7 @@ def test_distill_student_saves_then_loads_and_fusion_weights(profile, data, teac
     refuse_trainer(monkeypatch)
     def refuse(*a, **k):
         raise AssertionError("teacher outputs recomputed")
-    monkeypatch.setattr(distill, "teacher_outputs", refuse)
+    monkeypatch.setattr(teacher_cache, "teacher_outputs", refuse)
     again = distill_student(profile, data, teachers, num_train_epochs=1)
     assert again.path == distilled.path
     assert again.history == info["history"] and again.train_seconds == info["train_seconds"]

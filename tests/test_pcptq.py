@@ -50,8 +50,7 @@ def models(profile, data):
 
 @pytest.fixture(scope="module")
 def cache(profile, data, models):
-    return cached_teacher_outputs(teachers(profile, data), data, "train", profile.artifacts_dir / "teacher_cache",
-                                  collator_for(data))
+    return cached_teacher_outputs(profile, teachers(profile, data), data, "train", collator_for(data))
 
 
 def share_at(result, bits: int, model) -> float:

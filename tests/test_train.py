@@ -144,11 +144,19 @@ def test_model_folder_key(profile, data):
         model_dir(load_profile("smoke", {**SMOKE, "max_length": 64}), "m", nlu_config(profile, data)),
         model_dir(profile, "m", nlu_config(profile, data, tasks=("id", "dc"))),
         model_dir(profile, "m", nlu_config(profile, data, loss_weights={"id": 2.0, "dc": 1.0, "sf": 1.0})),
+        model_dir(load_profile("smoke", {**SMOKE, "loss_weights": (1.0, 1.0, 1.0)}), "m", nlu_config(profile, data)),
+        model_dir(profile, "m", nlu_config(profile, data), {"num_train_epochs": 3}),
+        model_dir(profile, "m", nlu_config(profile, data), artifact="teacher"),
     ]
     assert len({base, *changed}) == len(changed) + 1
-    # Fields that do not shape the model leave the key alone.
-    assert model_dir(load_profile("smoke", {**SMOKE, "verify_checksums": True}), "m",
-                     nlu_config(profile, data)) == base
+    # Fields that do not shape the model leave the key alone: a teacher's or the student's budget,
+    # the PTQ and benchmark settings, the number of replicates.
+    for unrelated in ({"verify_checksums": True}, {"teacher_epochs": 3.0}, {"kd_epochs": 3.0},
+                      {"pcptq_steps": 7}, {"bench_repeats": 9}, {"train_seeds": 4}):
+        assert model_dir(load_profile("smoke", {**SMOKE, **unrelated}), "m", nlu_config(profile, data)) == base
+    teacher = model_dir(profile, "m", nlu_config(profile, data), artifact="teacher")
+    assert model_dir(load_profile("smoke", {**SMOKE, "epochs": 3.0}), "m", nlu_config(profile, data),
+                     artifact="teacher") == teacher
 
 
 # ---------------------------------------------------------------- (b) determinism

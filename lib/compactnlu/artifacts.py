@@ -148,8 +148,3 @@ def upsert_rows(path: Path | str, rows: pd.DataFrame, key: list[str]) -> pd.Data
     write_table(rows, path)
     return rows
 
-
-def keyed_path(profile, kind: str, name: str, details: dict) -> Path:
-    """``artifacts/<kind>/<name>-<key>``, keyed by the profile's results and ``details``."""
-    blob = json.dumps({"profile": profile.result_key, **details}, sort_keys=True, default=str)
-    return profile.artifacts_dir / kind / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"

@@ -44,7 +44,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
 from .artifacts import read_json, verify_checksums, with_checksums, write_json, atomic_dir
-from .config import FEATURE_FIELDS, Profile
+from .cachekeys import artifact_dir
+from .config import Profile
 from .features import StudyData
 from .metrics import decide_sets, multi_hot, one_label_per_word
 
@@ -250,7 +251,7 @@ class TrainedClassic:
 
 
 def classic_dir(profile: Profile) -> Path:
-    return profile.artifacts_dir / "models" / f"classic-{profile.key(*FEATURE_FIELDS)}"
+    return artifact_dir(profile, "classic", "classic")
 
 
 def train_classic(profile: Profile, data: StudyData, retrain: bool = False,

@@ -27,62 +27,81 @@ def _default_massive_dir() -> str:
     return str(ROOT / os.environ.get("MASSIVE_DIR", "data/massive"))
 
 
+def uses_mlm(profile: "Profile") -> bool:
+    """Whether a masked-LM phase pre-trains the encoder (only a from-scratch one, with mlm_epochs > 0)."""
+    return profile.mlm_epochs > 0 and not profile.model_name
+
+
+# The artifacts a field shapes (compactnlu.cachekeys: the artifacts, what each is derived from, and
+# the one function that builds every cache key). A field shapes an artifact directly; whatever is
+# derived from that artifact changes with it. The three kinds of task model:
+TASK_MODELS = ("baseline", "teacher", "student")
+
+
+def shaping(*artifacts: str, default=dataclasses.MISSING, factory=dataclasses.MISSING, when=None):
+    """A Profile field that shapes ``artifacts`` (none: it shapes no cached artifact);
+    ``when(profile)`` false: it shapes nothing in that profile."""
+    return field(default=default, default_factory=factory, metadata={"shapes": artifacts, "when": when})
+
+
 @dataclass(frozen=True)
 class Profile:
-    name: str
+    name: str = shaping()
     # data
-    locales: tuple[str, ...] = LOCALES
-    massive_dir: str = field(default_factory=_default_massive_dir)  # "" with synthetic_data: under artifacts
-    verify_checksums: bool = True
-    synthetic_data: bool = False  # use compactnlu.synthetic's stand-in corpus instead of MASSIVE
-    max_utterances_per_partition: int | None = None  # per locale; None keeps every record
-    compose_k_probs: tuple[float, ...] = (0.3, 0.4, 0.3)  # P(k parts), k = 1, 2, 3
-    composed_per_utterance: float = 1.0  # composed examples per source utterance
-    seed: int = 13
+    locales: tuple[str, ...] = shaping("data", default=LOCALES)
+    # "" with synthetic_data: under artifacts. Keyed by the resolved folder, however it is spelled.
+    massive_dir: str = shaping("data", factory=_default_massive_dir)
+    verify_checksums: bool = shaping(default=True)
+    synthetic_data: bool = shaping("data", default=False)  # compactnlu.synthetic's stand-in corpus, not MASSIVE
+    max_utterances_per_partition: int | None = shaping("data", default=None)  # per locale; None keeps every record
+    compose_k_probs: tuple[float, ...] = shaping("data", default=(0.3, 0.4, 0.3))  # P(k parts), k = 1, 2, 3
+    composed_per_utterance: float = shaping("data", default=1.0)  # composed examples per source utterance
+    seed: int = shaping("data", default=13)  # also the order of static PTQ's calibration batches
     # tokenizer: trained from the training text when tokenizer_name is None
-    tokenizer_name: str | None = None
-    vocab_size: int = 12000
-    max_length: int = 128
-    # encoder: from scratch (XLM-R architecture) when model_name is None
-    model_name: str | None = None
+    tokenizer_name: str | None = shaping("tokenizer", default=None)
+    vocab_size: int = shaping("tokenizer", default=12000)
+    max_length: int = shaping("features", default=128)
+    # encoder (what every task model starts from): from scratch (XLM-R architecture) when model_name is None
+    model_name: str | None = shaping("encoder", default=None)
     # Sized by measurement on a 2-core CPU (README, "Sizing the default encoder").
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 512
+    hidden_size: int = shaping("encoder", default=128)
+    num_layers: int = shaping("encoder", default=2)
+    num_heads: int = shaping("encoder", default=4)
+    intermediate_size: int = shaping("encoder", default=512)
     # None at this budget: 2 epochs underfit this encoder, and without dropout one epoch scored
     # +4.4 points dev ID accuracy and +2.0 slot F1, with steps a fifth cheaper (README, "A fair test")
-    dropout: float = 0.0
+    dropout: float = shaping("encoder", default=0.0)
     # utterance representation for ID and DC: "max" or "mean" over tokens, or "cls" (XLM-R's pooler)
-    pooling: str = "max"
+    pooling: str = shaping(*TASK_MODELS, default="max")
     # ID, DC, SF. The ID and DC losses are BCE means over 60 and 18 labels, SF's a CRF NLL per
     # word, so equal weights starve ID (README, "Sizing the default encoder", for the measurements).
-    loss_weights: tuple[float, float, float] = (10.0, 3.0, 2.0)
+    loss_weights: tuple[float, float, float] = shaping(*TASK_MODELS, default=(10.0, 3.0, 2.0))
     # masked-LM pre-training of a from-scratch encoder on the training text (0 epochs: none)
-    mlm_epochs: float = 0.0
-    mlm_learning_rate: float = 1e-3
-    mlm_batch_size: int = 64
+    mlm_epochs: float = shaping("encoder", default=0.0, when=uses_mlm)
+    mlm_learning_rate: float = shaping("encoder", default=1e-3, when=uses_mlm)
+    mlm_batch_size: int = shaping("encoder", default=64, when=uses_mlm)
     # training. The baseline, each teacher and the student get the same budget: epochs ==
     # teacher_epochs == kd_epochs, one shared learning rate (README, "A fair test").
-    epochs: float = 2.0
-    teacher_epochs: float = 2.0
-    learning_rate: float = 1.5e-3
-    batch_size: int = 32
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    train_seed: int = 42
+    epochs: float = shaping("baseline", default=2.0)
+    teacher_epochs: float = shaping("teacher", default=2.0)
+    learning_rate: float = shaping("baseline", "teacher", default=1.5e-3)  # the student's is kd_learning_rate
+    # also the size of static PTQ's calibration batches
+    batch_size: int = shaping(*TASK_MODELS, "ptq", default=32)
+    warmup_ratio: float = shaping(*TASK_MODELS, default=0.1)
+    weight_decay: float = shaping(*TASK_MODELS, default=0.01)
+    # seeds the encoder's initialisation (or its MLM phase) and the Trainer of every task model
+    train_seed: int = shaping("encoder", default=42)
     # the fp32 baseline and student are trained once per seed train_seed, train_seed + 1, ...
-    # and every PTQ variant is derived from each (teachers: one seed)
-    train_seeds: int = 3
+    # and every PTQ variant is derived from each (teachers: one seed); each replicate sets train_seed
+    train_seeds: int = shaping(default=3)
     # distillation of the student (notebook 04)
-    kd_epochs: float = 2.0
-    kd_learning_rate: float = 1.5e-3
+    kd_epochs: float = shaping("student", default=2.0)
+    kd_learning_rate: float = shaping("student", default=1.5e-3)
     # precision-controlled PTQ (notebook 07): the λ sweep and the length of each search
-    pcptq_lambdas: tuple[float, ...] = (0.0, 0.25, 1.0, 4.0)
-    pcptq_steps: int = 150
-    # benchmark (notebook 08) and significance (notebook 10)
-    bench_repeats: int = 5  # timed passes over the test set per variant
-    seeds: int = 3  # seeds of the PTQ stage (calibration order, search noise) for Welch's test
+    pcptq_lambdas: tuple[float, ...] = shaping("ptq", default=(0.0, 0.25, 1.0, 4.0))
+    pcptq_steps: int = shaping("ptq", default=150)
+    # benchmark (notebook 08)
+    bench_repeats: int = shaping("bench", default=5)  # timed passes over the test set per variant
 
     def __post_init__(self):
         # Here rather than in load_profile, so a Profile built or replaced anywhere is checked too.
@@ -106,8 +125,10 @@ class Profile:
 
     @property
     def result_key(self) -> str:
-        """Hash of every field that can change a result (not where the data is read from)."""
-        return self.key(*_RESULT_FIELDS)
+        """Hash of every field that can change a result (not where the data is read from): keys the
+        variant registry, the saved predictions and the figures of a non-registered profile.
+        Cached artifacts are keyed by ``compactnlu.cachekeys.artifact_key`` instead."""
+        return short_hash({n: getattr(self, n) for n in _RESULT_FIELDS})
 
     def _matches_registered(self) -> bool:
         registered = PROFILES.get(self.name)
@@ -122,16 +143,14 @@ class Profile:
     def artifacts_dir(self) -> Path:
         return Path(os.environ.get("COMPACTNLU_ARTIFACTS", ROOT / "artifacts"))
 
-    def key(self, *names: str) -> str:
-        """A short hash of the named fields, used to key cached artifacts."""
-        values = {n: getattr(self, n) for n in sorted(names)}
-        if values.get("massive_dir"):  # the same folder however it is spelled
-            values["massive_dir"] = str(Path(values["massive_dir"]).resolve())
-        blob = json.dumps(values, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def short_hash(value) -> str:
+    """12 hex characters of the SHA-256 of ``value`` as sorted JSON (what names a cached artifact)."""
+    blob = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 class ProfileError(ValueError):
@@ -200,7 +219,6 @@ FIELD_RANGES: dict[str, tuple[typing.Callable, str]] = {
     "pcptq_lambdas": (lambda v: len(v) > 0 and min(v) >= 0, "a non-empty list, each >= 0"),
     "pcptq_steps": (_at_least_one, ">= 1"),
     "bench_repeats": (_at_least_one, ">= 1"),
-    "seeds": (_at_least_one, ">= 1"),
 }
 
 
@@ -267,13 +285,6 @@ def validate(profile: Profile) -> None:
                                                    "(empty only with synthetic_data)")
 
 
-DATA_FIELDS = (
-    "locales", "massive_dir", "max_utterances_per_partition", "compose_k_probs",
-    "composed_per_utterance", "seed",
-)
-TOKENIZER_FIELDS = DATA_FIELDS + ("tokenizer_name", "vocab_size")
-FEATURE_FIELDS = TOKENIZER_FIELDS + ("max_length",)
-
 # Fields that change results; where the data is read from does not.
 _RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(Profile) if f.name not in ("name", "massive_dir"))
 
@@ -298,7 +309,6 @@ PROFILES: dict[str, Profile] = {
         pcptq_lambdas=(0.0, 4.0),
         pcptq_steps=30,
         bench_repeats=2,
-        seeds=2,
         batch_size=16,
         learning_rate=3e-3,
     ),

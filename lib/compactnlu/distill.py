@@ -1,4 +1,4 @@
-"""Multi-teacher distillation: teacher cache, attention fusion, adaptive temperature, losses.
+"""Multi-teacher distillation: the student, its loss and its training (the loss's pieces: ``kd_losses``).
 
 The student learns from the three task-pair teachers with
 
@@ -9,8 +9,8 @@ scales the baseline and the teachers train with (ID and DC losses are means over
 labels, SF's a mean over words; see ``Profile.loss_weights``).
 
 * **Offline teachers.** Each teacher runs once over a split; its ID/DC logits, its SF
-  emissions and its hidden states at the first subword of every word are cached (float16,
-  safetensors, keyed by teacher and data) and reused.
+  emissions and its hidden states at the first subword of every word are cached
+  (``compactnlu.teacher_cache``) and reused.
 * **Fusion.** Each task is known by two teachers. Their outputs are combined with weights
   ``softmax_j(v · tanh(W_s h + W_t o_j))`` computed per example (per word for SF) from the
   student's representation ``h`` and each teacher's output ``o_j``, trained with the
@@ -35,27 +35,30 @@ labels, SF's a mean over words; see ``Profile.loss_weights``).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
-
 from transformers import set_seed
 
-from .artifacts import atomic_dir, read_json, read_safetensors, sha256_file
+from . import train
+from .artifacts import read_json, read_safetensors
+from .cachekeys import artifact_dir
+from .config import uses_mlm
 from .features import IGNORE
 from .model import MultiTaskNLU
-from . import train
 from .pretrain import pretrain_encoder
-from .train import collator_for, fit_and_save, model_dir, nlu_config, result_overrides, training_arguments, uses_mlm
+from .kd_losses import (TeacherFusion, adaptive_temperature, contrastive_loss, fuse, multilabel_confidence,
+                        multilabel_kd, representation_mse, token_kd)
+from .teacher_cache import by_length, cached_teacher_outputs
+from .train import collator_for, model_details, nlu_config, result_overrides
+from .trainer import fit_and_save, training_arguments
 
 # Which teachers know each task.
 TASK_TEACHERS = {"id": ("teacher_idsf", "teacher_iddc"), "dc": ("teacher_iddc", "teacher_dcsf"),
@@ -77,136 +80,6 @@ class DistillConfig:
     crd_tau: float = 0.1
     crd_max_words: int = 512  # words per batch in the contrastive loss (bounds its cost)
     fusion_hidden: int = 64
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
-
-# ---------------------------------------------------------------- teacher cache
-
-@torch.no_grad()
-def teacher_outputs(model: MultiTaskNLU, dataset, collator, batch_size: int = 128, desc: str = "teacher"):
-    """Per-example logits and per-word emissions and hidden states of one teacher (float16)."""
-    model.eval()
-    n = len(dataset)
-    words = np.asarray([sum(1 for x in row if x != IGNORE) for row in dataset["slot_labels"][:]])
-    offsets = np.concatenate([[0], np.cumsum(words)])
-    out: dict[str, torch.Tensor] = {}
-    for idx in tqdm(by_length(dataset, batch_size), desc=desc, leave=False):
-        batch = collator([dataset[i] for i in idx])
-        result = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        word_mask = batch["slot_labels"] != IGNORE
-        for name, key in (("intent_logits", "id"), ("domain_logits", "dc")):
-            if name in result:
-                out.setdefault(key, torch.empty(n, result[name].shape[1], dtype=torch.float16))[idx] = \
-                    result[name].half()
-        if "slot_logits" in result:
-            rows = torch.from_numpy(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx]))
-            emissions = result["slot_logits"][word_mask]
-            hidden = result["hidden"][word_mask]
-            out.setdefault("sf", torch.empty(offsets[-1], emissions.shape[1], dtype=torch.float16))[rows] = \
-                emissions.half()
-            out.setdefault("hidden", torch.empty(offsets[-1], hidden.shape[1], dtype=torch.float16))[rows] = \
-                hidden.half()
-    out["word_offsets"] = torch.from_numpy(offsets)
-    return out
-
-
-def by_length(dataset, batch_size: int) -> list[list[int]]:
-    """Batches of example indices of similar length (fewer padded positions than dataset order:
-    a batch of 128 in dataset order pads to its longest example, about twice the median)."""
-    order = np.argsort(np.asarray(dataset["n_subwords"][:]), kind="stable")
-    return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-
-
-def cache_key(teacher_paths: dict[str, Path], split: str, n_examples: int) -> str:
-    """Keyed by each teacher's weights (a retrained teacher invalidates it), the split and its size."""
-    weights = {k: sha256_file(Path(v) / "model.safetensors") for k, v in sorted(teacher_paths.items())}
-    blob = json.dumps(weights | {"split": split, "n": n_examples})
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def cached_teacher_outputs(teachers: dict, data, split: str, cache_root: Path, collator) -> dict[str, dict]:
-    """Teacher outputs on ``split``, from ``cache_root`` when there, else computed and saved.
-
-    ``teachers`` maps a name to an object with ``.model`` and ``.path`` (a TrainedModel);
-    the cache is keyed by every teacher's saved-model folder (itself a hash of the
-    parameters that trained it) and by the split, so a retrained teacher invalidates it.
-    """
-    dataset = data.features[split]
-    folder = cache_root / f"{split}-{cache_key({k: t.path for k, t in teachers.items()}, split, len(dataset))}"
-    if not folder.exists():
-        with atomic_dir(folder) as tmp:
-            for name, teacher in teachers.items():
-                save_file({k: v.contiguous() for k, v in
-                           teacher_outputs(teacher.model, dataset, collator, desc=f"{name} on {split}").items()},
-                          tmp / f"{name}.safetensors")
-    return {name: load_file(folder / f"{name}.safetensors") for name in teachers}
-
-
-# ---------------------------------------------------------------- fusion and temperature
-
-class TeacherFusion(nn.Module):
-    """Per-example (or per-word) attention over two teachers' outputs, conditioned on the student."""
-
-    def __init__(self, student_dim: int, output_dim: int, hidden: int = 64, mode: str = "attention"):
-        super().__init__()
-        self.mode = mode
-        self.student = nn.Linear(student_dim, hidden)
-        self.teacher = nn.Linear(output_dim, hidden, bias=False)
-        self.score = nn.Linear(hidden, 1, bias=False)
-
-    def weights(self, student: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-        """student ``[N, S]``, outputs ``[N, K, D]`` -> weights ``[N, K]`` summing to 1."""
-        if self.mode == "mean":
-            return torch.full(outputs.shape[:2], 1.0 / outputs.shape[1], device=outputs.device)
-        scores = self.score(torch.tanh(self.student(student).unsqueeze(1) + self.teacher(outputs))).squeeze(-1)
-        return scores.softmax(-1)
-
-
-def fuse(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return (weights.unsqueeze(-1) * values).sum(1)
-
-
-def multilabel_confidence(logits: torch.Tensor) -> torch.Tensor:
-    return (2 * torch.sigmoid(logits) - 1).abs().mean(-1)
-
-
-def adaptive_temperature(base: float, confidence: torch.Tensor, adaptive: bool = True) -> torch.Tensor:
-    """``T · (0.5 + c)``: between T/2 (unsure teacher) and 3T/2 (certain teacher)."""
-    if not adaptive:
-        return torch.full_like(confidence, base)
-    return base * (0.5 + confidence.clamp(0, 1))
-
-
-# ---------------------------------------------------------------- losses
-
-def multilabel_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: torch.Tensor):
-    """BCE of softened student sigmoids against softened teacher sigmoids, × T² (per example T)."""
-    t = temperature.unsqueeze(-1)
-    target = torch.sigmoid(teacher_logits / t)
-    per_label = F.binary_cross_entropy_with_logits(student_logits / t, target, reduction="none")
-    # subtract the target's own entropy so the loss is 0 when student equals teacher
-    entropy = F.binary_cross_entropy(target, target, reduction="none")
-    return ((per_label - entropy).mean(-1) * temperature ** 2).mean()
-
-
-def token_kd(student_emissions: torch.Tensor, teacher_emissions: torch.Tensor, temperature: torch.Tensor):
-    """KL(teacher ‖ student) of softened tag distributions per word, × T²."""
-    t = temperature.unsqueeze(-1)
-    kl = F.kl_div(F.log_softmax(student_emissions / t, -1), F.log_softmax(teacher_emissions / t, -1),
-                  log_target=True, reduction="none").sum(-1)
-    return (kl * temperature ** 2).mean()
-
-
-def representation_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(student, teacher)
-
-
-def contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
-    """InfoNCE: row i of ``student`` should match row i of ``teacher`` among all rows."""
-    logits = F.normalize(student, dim=-1) @ F.normalize(teacher, dim=-1).T / tau
-    return F.cross_entropy(logits, torch.arange(len(student), device=student.device))
 
 
 # ---------------------------------------------------------------- the student under distillation
@@ -371,13 +244,13 @@ def distill_student(profile, data, teachers: dict, config: DistillConfig | None 
     student_config = nlu_config(student_profile, data)
     overrides = {"num_train_epochs": profile.kd_epochs, "learning_rate": profile.kd_learning_rate,
                  **argument_overrides}
-    base = model_dir(student_profile, name, student_config, result_overrides(overrides)).name
-    teachers_id = ",".join(sorted(Path(t.path).name for t in teachers.values()))
-    key = hashlib.sha256(f"{base}|{config.key()}|{teachers_id}".encode()).hexdigest()[:12]
-    final = profile.artifacts_dir / "models" / f"{name}-{key}"
+    teacher_folders = sorted(Path(t.path).name for t in teachers.values())
+    details = {**model_details(student_config, result_overrides(overrides)), "distill": asdict(config),
+               "teachers": teacher_folders}
+    final = artifact_dir(student_profile, "student", name, details)
 
     collator = collator_for(data)
-    cache = cached_teacher_outputs(teachers, data, "train", profile.artifacts_dir / "teacher_cache", collator)
+    cache = cached_teacher_outputs(profile, teachers, data, "train", collator)
     if final.exists() and not retrain:
         student = MultiTaskNLU.load(final, labels=data.labels)
         distiller = Distiller(student, config, teacher_hidden_size(cache))

@@ -24,7 +24,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, XLMRobertaToken
 from . import synthetic
 from .artifacts import atomic_dir, read_json, write_json
 from .compose import LabelSpace, compose, singles
-from .config import FEATURE_FIELDS, TOKENIZER_FIELDS, Profile
+from .cachekeys import artifact_dir
+from .config import Profile
 from .massive import load_massive
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,7 @@ class StudyData:
 
 
 def _paths(profile: Profile) -> tuple[Path, Path]:
-    base = profile.artifacts_dir
-    return (base / "tokenizer" / profile.key(*TOKENIZER_FIELDS),
-            base / "features" / profile.key(*FEATURE_FIELDS))
+    return artifact_dir(profile, "tokenizer", ""), artifact_dir(profile, "features", "")
 
 
 def load_records(profile: Profile, locales=None) -> datasets.Dataset:

@@ -18,13 +18,12 @@ import torch
 from torch import nn
 from transformers import DataCollatorForLanguageModeling, Trainer, XLMRobertaConfig, XLMRobertaModel, set_seed
 
-from .config import FEATURE_FIELDS, Profile
+from .cachekeys import artifact_dir
+from .config import Profile
 from .features import StudyData
+from .trainer import fit_and_save, training_arguments
 
 log = logging.getLogger(__name__)
-
-ENCODER_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "dropout", "max_length")
-MLM_FIELDS = ("mlm_epochs", "mlm_learning_rate", "mlm_batch_size", "train_seed")
 
 
 class MaskedLM(nn.Module):
@@ -56,13 +55,11 @@ def encoder_config(profile: Profile, data: StudyData) -> XLMRobertaConfig:
 
 
 def pretrained_encoder_dir(profile: Profile) -> Path:
-    return profile.artifacts_dir / "encoders" / f"mlm-{profile.key(*FEATURE_FIELDS, *ENCODER_FIELDS, *MLM_FIELDS)}"
+    return artifact_dir(profile, "encoder", "mlm")
 
 
 def pretrain_encoder(profile: Profile, data: StudyData, retrain: bool = False, **argument_overrides) -> Path:
     """Run (or reuse) the MLM phase; returns a folder ``XLMRobertaModel.from_pretrained`` reads."""
-    from .train import fit_and_save, training_arguments  # train.py imports this module
-
     final = pretrained_encoder_dir(profile)
     if final.exists() and not retrain:
         return final

@@ -9,8 +9,7 @@ dev loss, and saves that one. The same code runs under ``torchrun`` or
 
 from __future__ import annotations
 
-import hashlib
-import json
+import argparse
 import logging
 import os
 import re
@@ -19,27 +18,21 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .artifacts import atomic_dir, read_json, read_safetensors, write_json
-from .config import FEATURE_FIELDS, Profile
-from .features import MultiTaskCollator, StudyData
+from .artifacts import read_json, read_safetensors
+from .cachekeys import artifact_dir
+from .config import Profile, load_profile, parse_override, uses_mlm
+from .features import MultiTaskCollator, StudyData, load_study_data
 from .model import TASKS, MultiTaskNLU, NLUConfig
-from .pretrain import MLM_FIELDS, encoder_config, pretrain_encoder, pretrained_encoder_dir
+from .pretrain import encoder_config, pretrain_encoder, pretrained_encoder_dir
+from .trainer import fit_and_save, training_arguments
 
 log = logging.getLogger(__name__)
 
 # The paper's three task-pair teachers (its Table 1), named by the tasks they learn.
 TEACHERS = {"teacher_idsf": ("id", "sf"), "teacher_iddc": ("id", "dc"), "teacher_dcsf": ("dc", "sf")}
-MODEL_FIELDS = ("model_name", "hidden_size", "num_layers", "num_heads", "intermediate_size", "dropout", "pooling")
-TRAIN_FIELDS = ("epochs", "learning_rate", "batch_size", "warmup_ratio", "weight_decay", "train_seed")
-
-
-def uses_mlm(profile: Profile) -> bool:
-    return profile.mlm_epochs > 0 and not profile.model_name
-
 
 def nlu_config(profile: Profile, data: StudyData, tasks=TASKS, loss_weights: dict | None = None) -> NLUConfig:
     """The model's config; its encoder comes from ``model_name``, the MLM phase, or nothing."""
@@ -54,12 +47,16 @@ def collator_for(data: StudyData) -> MultiTaskCollator:
     return MultiTaskCollator(data.tokenizer.pad_token_id, len(data.labels.intents), len(data.labels.scenarios))
 
 
-def model_dir(profile: Profile, name: str, config: NLUConfig, argument_overrides: dict | None = None) -> Path:
-    key = profile.key(*FEATURE_FIELDS, *MODEL_FIELDS, *TRAIN_FIELDS, *(MLM_FIELDS if uses_mlm(profile) else ()))
-    extra = json.dumps({"tasks": config.tasks, "loss_weights": config.loss_weights,
-                        "trainer": argument_overrides or {}}, sort_keys=True, default=str)
-    key = hashlib.sha256((key + extra).encode()).hexdigest()[:12]
-    return profile.artifacts_dir / "models" / f"{name}-{key}"
+def model_details(config: NLUConfig, argument_overrides: dict | None = None) -> dict:
+    """What keys a task model beyond the profile: its tasks and loss weights (which a caller may
+    override) and the Trainer arguments that change it."""
+    return {"tasks": list(config.tasks), "loss_weights": config.loss_weights, "trainer": argument_overrides or {}}
+
+
+def model_dir(profile: Profile, name: str, config: NLUConfig, argument_overrides: dict | None = None,
+              artifact: str = "baseline") -> Path:
+    """``artifacts/models/<name>-<key>``; ``artifact``: "baseline" or "teacher" (cachekeys.ARTIFACTS)."""
+    return artifact_dir(profile, artifact, name, model_details(config, argument_overrides))
 
 
 class StudyTrainer(Trainer):
@@ -95,46 +92,6 @@ def result_overrides(overrides: dict) -> dict:
     """Trainer arguments that change the model (not logging or progress display)."""
     cosmetic = {"disable_tqdm", "logging_steps", "logging_strategy", "report_to"}
     return {k: v for k, v in overrides.items() if k not in cosmetic}
-
-
-def _distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def training_arguments(profile: Profile, output_dir: Path, **overrides) -> TrainingArguments:
-    args = dict(
-        output_dir=str(output_dir),
-        num_train_epochs=profile.epochs,
-        learning_rate=profile.learning_rate,
-        per_device_train_batch_size=profile.batch_size,
-        per_device_eval_batch_size=128,
-        warmup_steps=profile.warmup_ratio,
-        weight_decay=profile.weight_decay,
-        # torch's fused AdamW: one kernel over all parameters, 3 ms a step less on the default encoder
-        optim="adamw_torch_fused",
-        lr_scheduler_type="linear",
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        logging_strategy="steps",
-        logging_steps=200,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        save_total_limit=2,
-        prediction_loss_only=True,
-        remove_unused_columns=False,  # the collator picks its columns; metadata stays for evaluation
-        train_sampling_strategy="group_by_length",
-        length_column_name="n_subwords",
-        seed=profile.train_seed,
-        data_seed=profile.train_seed,
-        report_to="none",
-        dataloader_num_workers=0,
-        # several CPU processes (torchrun) talk over gloo; GPUs keep the default nccl
-        ddp_backend="gloo" if _distributed() and not torch.cuda.is_available() else None,
-        use_cpu=not torch.cuda.is_available(),
-    )
-    args.update(overrides)
-    return TrainingArguments(**args)
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
@@ -176,27 +133,12 @@ def last_good_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def fit_and_save(trainer: Trainer, final: Path, save, resume: str | None = None,
-                 info: dict | None = None) -> tuple[list[dict], float]:
-    """Train, then on the main process write ``final`` atomically: ``save(folder)`` plus
-    ``training.json`` (the Trainer's log, its run time, the best checkpoint, world size)."""
-    result = trainer.train(resume_from_checkpoint=resume)
-    history = trainer.state.log_history
-    seconds = float(result.metrics.get("train_runtime", 0.0))
-    if trainer.is_world_process_zero():
-        with atomic_dir(final) as tmp:
-            save(tmp)
-            write_json(tmp / "training.json", {"history": history, "train_seconds": seconds,
-                                               "best_checkpoint": trainer.state.best_model_checkpoint,
-                                               "world_size": trainer.args.world_size, **(info or {})})
-    return history, seconds
-
-
 def train_model(profile: Profile, data: StudyData, name: str, tasks=TASKS, loss_weights: dict | None = None,
-                retrain: bool = False, **argument_overrides) -> TrainedModel:
-    """Train (or load) one multitask model on the composed training split."""
+                retrain: bool = False, artifact: str = "baseline", **argument_overrides) -> TrainedModel:
+    """Train (or load) one multitask model on the composed training split; ``artifact``: which
+    kind of task model it is, for its cache key ("baseline" or "teacher")."""
     config = nlu_config(profile, data, tasks, loss_weights)
-    final = model_dir(profile, name, config, result_overrides(argument_overrides))
+    final = model_dir(profile, name, config, result_overrides(argument_overrides), artifact)
     if final.exists() and not retrain:
         info = read_json(final / "training.json")
         return TrainedModel(MultiTaskNLU.load(final, labels=data.labels), final, info["history"],
@@ -232,7 +174,7 @@ def budget_row(model: str, trained) -> dict:
 
 def train_teacher(profile: Profile, data: StudyData, name: str, retrain: bool = False) -> TrainedModel:
     """One of the paper's task-pair teachers, trained for the profile's ``teacher_epochs``."""
-    return train_model(profile, data, name, tasks=TEACHERS[name], retrain=retrain,
+    return train_model(profile, data, name, tasks=TEACHERS[name], retrain=retrain, artifact="teacher",
                        num_train_epochs=profile.teacher_epochs)
 
 
@@ -241,11 +183,6 @@ def main(argv: list[str] | None = None) -> int:
 
     torchrun --nproc_per_node 2 -m compactnlu.train --profile smoke --name baseline
     """
-    import argparse
-
-    from .config import load_profile, parse_override
-    from .features import load_study_data
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--profile", default="default")
     parser.add_argument("--name", default="baseline")

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..artifacts import (atomic_dir, keyed_path, read_json, read_safetensors, verify_checksums, with_checksums,
+from ..artifacts import (atomic_dir, read_json, read_safetensors, verify_checksums, with_checksums,
                          write_json)
+from ..cachekeys import artifact_dir
 from ..model import MultiTaskNLU, NLUConfig, assert_finite
 
 ENGINE = "x86"  # fbgemm kernels with x86 dispatch; the machine is x86-64
@@ -148,4 +149,4 @@ def calibration_batches(data, collator, batch_size: int, seed: int):
 
 def quantized_dir(profile, variant: str, details: dict) -> Path:
     """``artifacts/quantized/<variant>-<key>``: keyed by the profile and the method's settings."""
-    return keyed_path(profile, "quantized", variant, details)
+    return artifact_dir(profile, "ptq", variant, details)

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import DataCollatorForLanguageModeling, Trainer, XLMRobertaConfig, XLMRobertaModel, set_seed
 
 from .config import FEATURE_FIELDS, Profile
-from .features import StudyData
+from .features import IGNORE, StudyData
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class MaskedLM(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels=None, **_):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        masked = labels != -100
+        masked = labels != IGNORE
         scores = self.transform(hidden[masked]) @ self.encoder.embeddings.word_embeddings.weight.T + self.bias
         return {"loss": nn.functional.cross_entropy(scores, labels[masked])}
 

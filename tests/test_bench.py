@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from compactnlu import bench
+from compactnlu.interface import NLUOutput
 from compactnlu.model import MultiTaskNLU, NLUConfig
 from compactnlu.paper import TABLE2, relative_to_baseline
 
@@ -25,7 +26,7 @@ class Counting(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         self.log.append(self.name)
-        return {"intent_logits": torch.zeros(len(input_ids), 3)}
+        return NLUOutput(intent_logits=torch.zeros(len(input_ids), 3))
 
 
 def test_artifact_size_counts_deployed_files_only(tmp_path):
@@ -65,8 +66,9 @@ def test_infer_runs_a_real_model_with_viterbi():
     ids = torch.randint(3, 50, (2, 6))
     word_mask = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0]]).bool()
     answer = bench.infer(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "word_mask": word_mask})
-    assert [len(p) for p in answer["sf"]] == [3, 1]
-    assert answer["id"].shape[1] == 2 and answer["dc"].shape[1] == 2  # (row, label) pairs
+    assert [len(p) for p in answer.slots] == [3, 1]
+    assert answer.intents.shape == (2, 4) and answer.domains.shape == (2, 3)
+    assert answer.intents.any(1).all() and answer.domains.any(1).all()  # at least one label each, as scored
 
 
 def test_relative_to_baseline_on_the_papers_table():

@@ -99,6 +99,19 @@ def test_truncated_starts_one_subword_past_max_length(profile, tokenizer):
     assert cut["unseen_words"] == fits + 1 - words_seen(tokenizer, words[:fits + 1], MAX_LENGTH)
 
 
+def test_labels_below_the_threshold_give_the_most_probable_one(profile):
+    """The study's rule (``interface.decide``): with every intent and domain below 0.5 the most
+    probable label is still answered; above it, every label that reaches it."""
+    model = inference._model(profile, "any")
+    with torch.no_grad():
+        model.id_head.weight.zero_()
+        model.dc_head.weight.zero_()
+        model.id_head.bias.copy_(torch.tensor([-2.0, -1.0]))  # play_music the more probable, neither at 0.5
+        model.dc_head.bias.copy_(torch.tensor([1.0, 2.0]))  # both at 0.5
+    answer = predict("wake me at five am", profile=profile)
+    assert answer["intents"] == ["play_music"] and answer["domains"] == ["alarm", "music"]
+
+
 def test_spans_read_a_run_of_one_type_as_one_span():
     """MASSIVE keeps one slot label per word, so B-x B-x is one span there, as here."""
     words = ["at", "five", "six", "am", "today"]

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from compactnlu.compose import LabelSpace
+from compactnlu.interface import decide_sets
 from compactnlu.metrics import (
-    METRIC_COLUMNS, decide_sets, by_locale, load_predictions, massive_metrics, one_label_per_word, save_predictions,
+    METRIC_COLUMNS, by_locale, load_predictions, massive_metrics, one_label_per_word, save_predictions,
     task_metrics,
 )
 

@@ -1,11 +1,11 @@
 """Measurements made the same way for every variant of the study: size, time, memory.
 
 Time is the model's: batches are tokenized and padded before the clock starts (the same
-batches for every variant), and a pass is the forward plus the decisions (sigmoid
-thresholds for ID and DC, Viterbi for SF). Variants are interleaved, each repeat in a
-rotated order, so drift of the machine hits them alike. Peak memory is measured in a
-fresh process per variant (``python -m compactnlu.bench``), so one variant's allocations
-cannot hide another's.
+batches for every variant), and a pass is the forward plus the decisions that are scored
+(``interface.decide``: label sets for ID and DC, Viterbi for SF). Variants are
+interleaved, each repeat in a rotated order, so drift of the machine hits them alike.
+Peak memory is measured in a fresh process per variant (``python -m compactnlu.bench``),
+so one variant's allocations cannot hide another's.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import torch
 
 from .config import PROFILES
 from .cpu import cpu_model, has_vnni, isa_flags
+from .features import IGNORE, load_study_data
+from .interface import Decisions, NLUModel, decide
 
 # What a deployment loads: weights (embeddings included), scales, configs; not training logs.
 DEPLOYED = ("model.*", "config.json", "quantization.json")
@@ -46,21 +48,16 @@ def prepared_batches(dataset, collator, batch_size: int) -> list[dict]:
     for start in range(0, len(order), batch_size):
         batch = collator([dataset[int(i)] for i in order[start:start + batch_size]])
         batches.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                        "word_mask": batch["slot_labels"] != -100})
+                        "word_mask": batch["slot_labels"] != IGNORE})
     return batches
 
 
 @torch.no_grad()
-def infer(model, batch: dict) -> dict:
-    """One batch the way a deployment answers it: logits, label sets (as (row, label) pairs), Viterbi paths."""
+def infer(model: NLUModel, batch: dict) -> Decisions:
+    """One batch the way a deployment answers it: the forward pass, then the scored decisions
+    (``interface.decide``: label sets with the argmax fallback, Viterbi paths)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    answer = {}
-    for task, key in (("id", "intent_logits"), ("dc", "domain_logits")):
-        if key in out:
-            answer[task] = (torch.sigmoid(out[key]) >= 0.5).nonzero()
-    if "slot_logits" in out:
-        answer["sf"] = model.decode_slots(out["slot_logits"], batch["word_mask"])
-    return answer
+    return decide(out, batch.get("word_mask"), model)  # a model without SF needs no word mask
 
 
 def _rotations(names: list[str], repeats: int):
@@ -166,7 +163,6 @@ def peak_memory_mb(profile, variant: str, n_batches: int = 20, batch_size: int =
 def _memory_probe(profile_name: str, overrides: dict, variant: str, n_batches: int, batch_size: int,
                   threads: int) -> dict:
     from .config import load_profile
-    from .features import load_study_data
     from .train import collator_for
     from .variants import load
 
@@ -250,7 +246,7 @@ def time_split(models: dict, batches: list[dict], repeats: int = 2) -> pd.DataFr
             outputs = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in batches]
             middle = time.perf_counter()
             for out, b in zip(outputs, batches):
-                model.decode_slots(out["slot_logits"], b["word_mask"])
+                model.decode_slots(out.slot_logits, b["word_mask"])
             rows.append({"variant": name, "repeat": r, "forward_s": middle - start,
                          "viterbi_s": time.perf_counter() - middle})
     out = pd.DataFrame(rows).groupby("variant")[["forward_s", "viterbi_s"]].median()

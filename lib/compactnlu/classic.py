@@ -3,7 +3,7 @@
 ID and DC: one TF-IDF vectorizer over character n-grams within word boundaries (shared by
 both tasks), then one logistic regression per label (one-vs-rest) on multi-hot targets, since
 a composed utterance carries one to three intents and domains. Labels are chosen with the
-study's decision rule (:func:`metrics.decide_sets`): every label whose probability is at least
+study's decision rule (:func:`interface.decide_sets`): every label whose probability is at least
 0.5, the most probable one when none is. The regressions use liblinear's dual solver, the
 fastest of those tried on this data (78 of them in ~150 s on one core).
 
@@ -47,7 +47,8 @@ from .artifacts import read_json, verify_checksums, with_checksums, write_json, 
 from .cachekeys import artifact_dir
 from .config import Profile
 from .features import StudyData
-from .metrics import decide_sets, multi_hot, one_label_per_word
+from .interface import decide_sets
+from .metrics import multi_hot, one_label_per_word
 
 log = logging.getLogger(__name__)
 

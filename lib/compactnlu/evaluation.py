@@ -54,7 +54,7 @@ def evaluate_variant(model, data: StudyData, profile: Profile, variant: str, bat
                      single: bool = True) -> Evaluation:
     """Predict the composed and (``single``) the single-utterance test sets; save predictions and metrics.
 
-    ``model`` is a torch model of the study's forward signature, or any object with a
+    ``model`` is an ``interface.NLUModel`` (any variant of the study), or any object with a
     ``predict_frame(dataset, labels)`` method returning :func:`metrics.predict`'s rows
     (the classic reference model), which is used instead. ``single=False`` skips MASSIVE's
     single-utterance test (the PTQ variants of the later training seeds, which no table reads it for).

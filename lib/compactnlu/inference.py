@@ -8,7 +8,7 @@ import torch
 
 from .config import Profile, load_profile
 from .features import IGNORE, encode_words, load_study_data
-from .metrics import decide_sets
+from .interface import THRESHOLD, decide, label_sets
 from .variants import load as load_variant
 
 
@@ -42,7 +42,8 @@ def spans(words: list[str], tags: list[str]) -> list[dict]:
 
 
 @torch.no_grad()
-def predict(text: str, variant: str = "kd_pcptq", profile: str | Profile = "default", threshold: float = 0.5) -> dict:
+def predict(text: str, variant: str = "kd_pcptq", profile: str | Profile = "default",
+            threshold: float = THRESHOLD) -> dict:
     """Intents, domains (labels with probability ≥ ``threshold``, or the most likely one) and
     slots of ``text`` (words split on whitespace, as MASSIVE's are), by a registered variant
     of ``profile`` (a name, or a ``Profile`` with overrides).
@@ -66,13 +67,13 @@ def predict(text: str, variant: str = "kd_pcptq", profile: str | Profile = "defa
     out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
     result = {"text": text, "variant": variant, "truncated": encoded["n_subwords"][0] > profile.max_length,
               "unseen_words": encoded["truncated_words"][0]}
-    for task, key, names in (("id", "intent_logits", data.labels.intents),
-                             ("dc", "domain_logits", data.labels.scenarios)):
-        if task in model.tasks:
-            chosen = decide_sets(torch.sigmoid(out[key]).numpy(), threshold)[0]
-            result["intents" if task == "id" else "domains"] = [names[i] for i in chosen]
-    if "sf" in model.tasks:
-        path = model.decode_slots(out["slot_logits"], labels != IGNORE)[0]
+    decisions = decide(out, labels != IGNORE, model, threshold)
+    for name, chosen, names in (("intents", decisions.intents, data.labels.intents),
+                                ("domains", decisions.domains, data.labels.scenarios)):
+        if chosen is not None:
+            result[name] = [names[i] for i in label_sets(chosen)[0]]
+    if decisions.slots is not None:
+        path = decisions.slots[0]
         tags = [data.labels.tags[t] for t in path] + ["O"] * (len(words) - len(path))
         result["tags"] = tags
         result["slots"] = spans(words, tags)

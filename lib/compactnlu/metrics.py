@@ -1,8 +1,8 @@
 """One evaluation for every model of the study: per-example predictions, then metrics from them.
 
-Decision rules, stated once: ID and DC predict every label whose sigmoid is at least
-``threshold`` (0.5), and the single most probable label when none is; SF takes the
-CRF's Viterbi path over the first subword of each word.
+Decision rules, stated once (``interface.decide``): ID and DC predict every label whose
+sigmoid is at least ``threshold`` (0.5), and the single most probable label when none is;
+SF takes the CRF's Viterbi path over the first subword of each word.
 
 Metrics on the composed test set, per locale and overall:
 ``id_acc``/``dc_acc`` exact-set accuracy; ``id_f1``/``dc_f1`` macro-F1 over labels (and
@@ -28,32 +28,27 @@ from tqdm.auto import tqdm
 
 from .artifacts import atomic_write
 from .compose import LabelSpace
+from .features import IGNORE
+from .interface import THRESHOLD, NLUModel, decide, label_sets
 
 METRIC_COLUMNS = ["id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1"]
 # the feature columns the study's collators read
 MODEL_INPUTS = ["input_ids", "slot_labels", "intent_ids", "scenario_ids"]
 
 
-def decide_sets(probs: np.ndarray, threshold: float) -> list[list[int]]:
-    chosen = probs >= threshold
-    chosen[np.arange(len(probs)), probs.argmax(1)] |= ~chosen.any(1)
-    return [np.flatnonzero(row).tolist() for row in chosen]
-
-
 @torch.no_grad()
-def predict(model, dataset, collator, labels: LabelSpace, batch_size: int = 128, threshold: float = 0.5,
-            desc: str = "predict") -> pd.DataFrame:
+def predict(model: NLUModel, dataset, collator, labels: LabelSpace, batch_size: int = 128,
+            threshold: float = THRESHOLD, desc: str = "predict") -> pd.DataFrame:
     """One row per example: gold and predicted intents, domains and word tags, plus scores.
 
-    ``model`` is any module with the study's forward signature (float, quantized or
-    distilled). Batches are formed by length for speed; rows come back in dataset order.
+    ``model`` is any ``interface.NLUModel`` (float, quantized, distilled, ONNX Runtime), decided
+    by ``interface.decide``. Batches are formed by length for speed; rows come back in dataset order.
     ``df.attrs["eval_loss"]`` holds the mean loss where the model computes one.
     """
     model.eval()
     lengths = np.asarray(dataset["n_subwords"][:])
     order = np.argsort(lengths, kind="stable")
     meta = dataset.select_columns(["uid", "locale", "n_parts", "intents", "scenarios", "tags"]).to_pandas()
-    tasks = getattr(model, "tasks", ("id", "dc", "sf"))
     tag_names = labels.tags  # a property that builds the tuple anew on each access
     rows: dict[int, dict] = {}
     losses, weights = [], []
@@ -63,15 +58,14 @@ def predict(model, dataset, collator, labels: LabelSpace, batch_size: int = 128,
         columns = inputs[idx]  # one columnar read a batch, not one row read an example
         batch = collator([dict(zip(columns, values)) for values in zip(*columns.values())])
         out = model(**batch)
-        if "loss" in out:
-            losses.append(float(out["loss"]))
+        if out.loss is not None:
+            losses.append(float(out.loss))
             weights.append(len(idx))
-        word_mask = batch["slot_labels"] != -100
-        intent_probs = torch.sigmoid(out["intent_logits"]).numpy() if "id" in tasks else None
-        domain_probs = torch.sigmoid(out["domain_logits"]).numpy() if "dc" in tasks else None
-        paths = model.decode_slots(out["slot_logits"], word_mask) if "sf" in tasks else None
-        intent_sets = decide_sets(intent_probs, threshold) if intent_probs is not None else None
-        domain_sets = decide_sets(domain_probs, threshold) if domain_probs is not None else None
+        decisions = decide(out, batch["slot_labels"] != IGNORE, model, threshold)
+        intent_probs = torch.sigmoid(out.intent_logits).numpy() if out.intent_logits is not None else None
+        intent_sets = label_sets(decisions.intents) if decisions.intents is not None else None
+        domain_sets = label_sets(decisions.domains) if decisions.domains is not None else None
+        paths = decisions.slots
         for j, i in enumerate(idx):
             row = {}
             if intent_sets is not None:

@@ -23,6 +23,8 @@ from torch import nn
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
 from .artifacts import CHECKSUMS, RERUN, read_json, read_safetensors, verify_checksums, with_checksums, write_json
+from .features import IGNORE
+from .interface import NLUOutput
 
 TASKS = ("id", "dc", "sf")
 POOLINGS = ("mean", "max", "cls")
@@ -253,33 +255,32 @@ class MultiTaskNLU(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def forward(self, input_ids, attention_mask, word_mask=None, intent_labels=None, domain_labels=None,
-                slot_labels=None, **_):
+                slot_labels=None, **_) -> NLUOutput:
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state
         pooled = self.dropout(self.pooled(hidden, attention_mask, out.pooler_output))
-        result = {"hidden": hidden, "pooled": pooled}
+        result = NLUOutput(hidden=hidden, pooled=pooled)
         losses = {}
-        weights = self.config.loss_weights
         if "id" in self.tasks:
-            result["intent_logits"] = self.id_head(pooled)
+            result.intent_logits = self.id_head(pooled)
             if intent_labels is not None:
-                losses["id"] = nn.functional.binary_cross_entropy_with_logits(result["intent_logits"], intent_labels)
+                losses["id"] = nn.functional.binary_cross_entropy_with_logits(result.intent_logits, intent_labels)
         if "dc" in self.tasks:
-            result["domain_logits"] = self.dc_head(pooled)
+            result.domain_logits = self.dc_head(pooled)
             if domain_labels is not None:
-                losses["dc"] = nn.functional.binary_cross_entropy_with_logits(result["domain_logits"], domain_labels)
+                losses["dc"] = nn.functional.binary_cross_entropy_with_logits(result.domain_logits, domain_labels)
         if "sf" in self.tasks:
             emissions = self.sf_head(self.dropout(hidden))
-            result["slot_logits"] = emissions
+            result.slot_logits = emissions
             if slot_labels is not None:
                 if word_mask is None:
-                    word_mask = slot_labels != -100
+                    word_mask = slot_labels != IGNORE
                 packed, mask = pack_words(emissions, word_mask)
                 gold, _ = pack_words(slot_labels.clamp(min=0), word_mask)
                 losses["sf"] = self.crf.nll(packed, gold, mask).sum() / mask.sum()
         if losses:
-            result["losses"] = losses
-            result["loss"] = sum(weights.get(t, 1.0) * v for t, v in losses.items())
+            result.losses = losses
+            result.loss = sum(self.config.loss_weights.get(t, 1.0) * v for t, v in losses.items())
         return result
 
     def decode_slots(self, slot_logits: torch.Tensor, word_mask: torch.Tensor) -> list[list[int]]:

@@ -39,6 +39,7 @@ from torch import nn
 
 from .artifacts import atomic_dir
 from .cpu import assumed_no_vnni, cpu_model, has_vnni, isa_flags
+from .interface import NLUOutput
 from .model import TASKS, BIOCRF, MultiTaskNLU, NLUConfig, assert_finite, pack_words
 
 LOGITS = {"id": "intent_logits", "dc": "domain_logits", "sf": "slot_logits"}
@@ -231,10 +232,11 @@ def _quantized_ops(path: Path) -> dict[str, int]:
 
 
 class OnnxNLU:
-    """An ONNX Runtime session that plugs into ``compactnlu.metrics.predict``.
+    """An ONNX Runtime session behind the study's model interface (``interface.NLUModel``).
 
     ``model(**batch)`` reads ``input_ids`` and ``attention_mask`` (other keys are ignored:
-    labels give no loss here) and returns the task logits as float32 torch tensors;
+    labels give no loss here) and returns an ``NLUOutput`` holding the task logits as
+    float32 torch tensors (no states, no loss);
     ``decode_slots`` runs the torch CRF's Viterbi, rebuilt from ``config.json`` tags and
     ``model.crf.safetensors``.
     """
@@ -291,13 +293,13 @@ class OnnxNLU:
     def eval(self) -> "OnnxNLU":
         return self
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> dict[str, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> NLUOutput:
         given = {"input_ids": input_ids, "attention_mask": attention_mask}
         feeds = {name: np.ascontiguousarray(given[name].detach().cpu().numpy(), dtype=np.int64)
                  for name in self.input_names}
         outputs = self.session.run(self.output_names, feeds)
-        return {name: torch.from_numpy(np.asarray(value, dtype=np.float32))
-                for name, value in zip(self.output_names, outputs)}
+        return NLUOutput(**{name: torch.from_numpy(np.asarray(value, dtype=np.float32))
+                            for name, value in zip(self.output_names, outputs)})
 
     def decode_slots(self, slot_logits: torch.Tensor, word_mask: torch.Tensor) -> list[list[int]]:
         """Viterbi tag ids of each example's words (``MultiTaskNLU.decode_slots``'s rule)."""

@@ -20,7 +20,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, XLMRobertaCon
 
 from .cachekeys import artifact_dir
 from .config import Profile
-from .features import StudyData
+from .features import IGNORE, StudyData
 from .trainer import fit_and_save, training_arguments
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class MaskedLM(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels=None, **_):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        masked = labels != -100
+        masked = labels != IGNORE
         scores = self.transform(hidden[masked]) @ self.encoder.embeddings.word_embeddings.weight.T + self.bias
         return {"loss": nn.functional.cross_entropy(scores, labels[masked])}
 

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..features import IGNORE
+from ..interface import NLUModel, decide
 from . import kernels
 from .kernels import CANDIDATES, DEFAULT_ROWS, FLOOR
 from .precision import PrecisionLinear, fake_quantize, qmax, qmin
@@ -249,30 +251,28 @@ def kernel_summary(model: nn.Module) -> dict[str, int]:
 
 
 @torch.no_grad()
-def agreement(reference: nn.Module, candidate: nn.Module, batches) -> dict[str, float]:
+def agreement(reference: NLUModel, candidate: NLUModel, batches) -> dict[str, float]:
     """How far ``candidate``'s outputs are from ``reference``'s on the same batches: the
-    largest absolute logit difference per output, and the fraction of identical decisions
-    (ID and DC label sets at 0.5, SF Viterbi paths)."""
+    largest absolute logit difference per output, and the fraction of examples with identical
+    decisions (``interface.decide``: ID and DC label sets, SF Viterbi paths)."""
     reference.eval(), candidate.eval()
     worst: dict[str, float] = {}
     same = {"id": [0, 0], "dc": [0, 0], "sf": [0, 0]}
     for batch in batches:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        a, b = reference(**inputs), candidate(**inputs)
+        word_mask = batch["slot_labels"] != IGNORE
+        a = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        b = candidate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         for key in ("intent_logits", "domain_logits", "slot_logits"):
-            if key in a:
-                worst[key] = max(worst.get(key, 0.0), float((a[key] - b[key]).abs().max()))
-        for task, key in (("id", "intent_logits"), ("dc", "domain_logits")):
-            if key in a:
-                sets_equal = ((a[key] >= 0) == (b[key] >= 0)).all(1)
-                same[task][0] += int(sets_equal.sum())
-                same[task][1] += len(sets_equal)
-        if "slot_logits" in a:
-            word_mask = batch["slot_labels"] != -100
-            paths_a = reference.decode_slots(a["slot_logits"], word_mask)
-            paths_b = candidate.decode_slots(b["slot_logits"], word_mask)
-            same["sf"][0] += sum(p == q for p, q in zip(paths_a, paths_b))
-            same["sf"][1] += len(paths_a)
+            if getattr(a, key) is not None:
+                worst[key] = max(worst.get(key, 0.0), float((getattr(a, key) - getattr(b, key)).abs().max()))
+        ours, theirs = decide(a, word_mask, reference), decide(b, word_mask, candidate)
+        for task, x, y in (("id", ours.intents, theirs.intents), ("dc", ours.domains, theirs.domains)):
+            if x is not None:
+                same[task][0] += int((x == y).all(1).sum())
+                same[task][1] += len(x)
+        if ours.slots is not None:
+            same["sf"][0] += sum(p == q for p, q in zip(ours.slots, theirs.slots))
+            same["sf"][1] += len(ours.slots)
     result = {f"max_abs_diff:{k}": v for k, v in worst.items()}
     result.update({f"same_{t}": n / total for t, (n, total) in same.items() if total})
     return result

@@ -25,8 +25,9 @@ def _cached(profile, kind: str, details: dict, run) -> dict:
     return read_json(path)
 
 
-def static_seed(profile, data, name: str, trained, seed: int, n_batches: int = 256) -> dict:
-    """Test metrics of ``name`` statically quantized on calibration batches drawn with ``seed``."""
+def static_seed(profile, data, name: str, trained, seed: int, n_batches: int) -> dict:
+    """Test metrics of ``name`` statically quantized on ``n_batches`` (notebook 05's parameter)
+    calibration batches drawn with ``seed``."""
     def run():
         batches = calibration_batches(data, collator_for(data), profile.batch_size, seed)
         quantized, _ = quantize_static(trained.model, batches, n_batches)

@@ -9,7 +9,7 @@ PROFILE ?= default
 MASSIVE_DIR ?= data/massive
 export MASSIVE_DIR
 
-.PHONY: reproduce test unit unit-avx2 nbval venv clean-runs
+.PHONY: reproduce test unit unit-avx2 nbval notebook-results venv clean-runs
 
 venv: $(VENV)/.installed
 
@@ -24,10 +24,11 @@ $(VENV)/.installed: pyproject.toml
 reproduce: venv
 	$(PY) -m compactnlu.reproduce --profile $(PROFILE)
 
-test: unit unit-avx2 nbval
+test: unit unit-avx2 nbval notebook-results
 
+# The notebooks' recorded results are asserted after nbval (notebook-results), not from an older run.
 unit: venv
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --ignore=tests/test_notebook_results.py
 
 # The quantization tests again as on a CPU with AVX2 only (no AVX-512, no VNNI), whatever this
 # one has: torch's vector kernels (ATEN_CPU_CAPABILITY), oneDNN (ONEDNN_MAX_CPU_ISA) and fbgemm,
@@ -43,9 +44,15 @@ QUANT_TESTS := tests/test_cpu.py tests/test_kernels.py tests/test_quant.py tests
 unit-avx2: venv
 	$(AVX2_ONLY) $(PY) -m pytest -p no:cacheprovider $(QUANT_TESTS)
 
-# Every numbered notebook, executed top to bottom on the smoke profile.
+# Every numbered notebook, executed top to bottom on the smoke profile; each records its key
+# numbers in runs/smoke/records (compactnlu.notebook.record), cleared first so none is left from before.
 nbval: venv
+	rm -rf runs/smoke/records
 	COMPACTNLU_PROFILE=smoke $(PY) -m pytest --nbval-lax -p no:cacheprovider notebooks
+
+# What those runs recorded, asserted within the smoke profile's tolerances; a missing record fails.
+notebook-results: nbval
+	COMPACTNLU_REQUIRE_RECORDS=1 $(PY) -m pytest -p no:cacheprovider tests/test_notebook_results.py
 
 clean-runs:
 	rm -rf runs

@@ -125,24 +125,20 @@ def write_table(df: pd.DataFrame, path: Path | str, float_format: str = "%.4f") 
     return path
 
 
-# The study's variants in the order its tables list them.
-VARIANT_ORDER = ["baseline", "teacher_idsf", "teacher_iddc", "teacher_dcsf", "kd", "baseline_static",
-                 "baseline_dynamic", "kd_static", "kd_dynamic", "kd_pcptq", "baseline_pcptq", "kd_pcptq_fast", "kd_pcptq_onnx", "kd_onnx_int8"]
-
-
-def upsert_rows(path: Path | str, rows: pd.DataFrame, key: list[str]) -> pd.DataFrame:
+def upsert_rows(path: Path | str, rows: pd.DataFrame, key: list[str], order: list[str] = ()) -> pd.DataFrame:
     """Replace the rows of ``path`` that share ``key`` with ``rows``; append the new ones.
 
     Lets each notebook add its variants to a shared table (``massive_single_test.csv``)
-    and be rerun without duplicating them. Rows are kept in the study's variant order.
+    and be rerun without duplicating them. Rows are kept in ``order`` of their ``variant``
+    (names outside it last; ``compactnlu.variants.upsert_rows`` passes the variant table's).
     """
     path = Path(path)
     if path.exists():
         old = pd.read_csv(path)
         keep = ~old.set_index(key).index.isin(rows.set_index(key).index)
         rows = pd.concat([old[keep], rows], ignore_index=True)
-    if "variant" in rows:
-        rank = {v: i for i, v in enumerate(VARIANT_ORDER)}
+    if "variant" in rows and order:
+        rank = {v: i for i, v in enumerate(order)}
         rows = rows.iloc[rows["variant"].map(lambda v: rank.get(v, len(rank))).argsort(kind="stable")]
         rows = rows.reset_index(drop=True)
     write_table(rows, path)

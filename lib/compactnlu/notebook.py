@@ -1,14 +1,17 @@
-"""What every notebook does first: load the profile, quiet the noise, say where things go."""
+"""What every notebook does first (load the profile, quiet the noise, say where things go) and last
+(record its key numbers, which ``tests/test_notebook_results.py`` asserts after the smoke run)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import datasets
 import transformers
 
-from .config import Profile, load_profile
+from .artifacts import read_json, write_json
+from .config import ROOT, Profile, load_profile
 
 
 def start(profile: str, overrides: dict | None = None) -> Profile:
@@ -25,3 +28,28 @@ def start(profile: str, overrides: dict | None = None) -> Profile:
     print(f"figures and tables: {p.figures_dir}")
     print(f"cached artifacts: {p.artifacts_dir}")
     return p
+
+
+def records_dir(profile: Profile) -> Path:
+    """``runs/<profile>/records``: beside the profile's executed notebooks (the default profile's
+    figures are the committed ``figures/``, its records are not committed)."""
+    figures = profile.figures_dir
+    run = figures.parent if figures.parent.parent == ROOT / "runs" else ROOT / "runs" / profile.name
+    return run / "records"
+
+
+def _plain(value):
+    """``value`` with numpy scalars as Python numbers, so the record is plain JSON."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
+
+
+def record(profile: Profile, notebook: str, **values) -> Path:
+    """Add ``values`` (numbers, booleans, strings, lists and dicts of them) to the notebook's record,
+    ``runs/<profile>/records/<notebook>.json``, written atomically."""
+    path = records_dir(profile) / f"{notebook}.json"
+    recorded = read_json(path) if path.exists() else {}
+    return write_json(path, {**recorded, **_plain(values)})

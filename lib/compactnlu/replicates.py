@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pandas as pd
 
-from . import pcptq
+from . import pcptq, variants
 from .evaluation import Evaluation, evaluate_variant, load_evaluation, predictions_dir
 from .metrics import METRIC_COLUMNS, by_locale, load_predictions
 from .quant import calibration_batches, quantize_dynamic, quantize_static
@@ -41,28 +41,31 @@ def evaluated(profile, data, variant: str, make_model, single: bool = True) -> E
     return evaluate_variant(make_model(), data, profile, variant, single=single)
 
 
+def static_ptq(profile, data, model, n_batches: int):
+    """``model`` statically quantized on the first ``n_batches`` of the profile's seeded training
+    batches: ``(quantized, batches used)``."""
+    batches = calibration_batches(data, collator_for(data), profile.batch_size, profile.seed)
+    return quantize_static(model, batches, n_batches)
+
+
 def ptq_replicate(profile, data, s: int, fp32: dict, cache, policies: dict[str, str], n_batches: int,
                   config: SearchConfig) -> dict[str, Evaluation]:
-    """Seed ``s``'s fp32 models (``{"baseline": trained, "kd": trained}``) and their static, dynamic and
-    precision-controlled variants, each evaluated once. ``policies``: the PC-PTQ policy notebook 07
-    selected for each model on seed 0 (``"lambda=1"``, ``"uniform-8"``, ``"sensitivity"``), applied
-    to this seed's model the same way; ``n_batches``: static PTQ's calibration batches (notebook 05)."""
-    collate = collator_for(data)
+    """Seed ``s``'s fp32 models (``{"baseline": trained, "kd": trained}``) and the variants the table
+    makes of them on every training seed (static, dynamic, precision-controlled), each evaluated once.
+    ``policies``: the PC-PTQ policy notebook 07 selected for each model on seed 0 (``"lambda=1"``,
+    ``"uniform-8"``, ``"sensitivity"``), applied to this seed's model the same way; ``n_batches``:
+    static PTQ's calibration batches (notebook 05's parameter, as its saved variant records it)."""
     out = {}
     for name, trained in fp32.items():
-        def static(model=trained.model):
-            batches = calibration_batches(data, collate, profile.batch_size, profile.seed)
-            return quantize_static(model, batches, n_batches)[0]
-
-        def precision(name=name, trained=trained):
-            return pcptq.reapply(profile, data, cache, name, trained, policies[name], config).quantized
-
-        makers = {name: lambda model=trained.model: model, f"{name}_static": static,
-                  f"{name}_dynamic": lambda model=trained.model: quantize_dynamic(model),
-                  f"{name}_pcptq": precision}
-        for variant, make in makers.items():
+        makers = {"fp32": lambda model=trained.model: model,
+                  "static": lambda model=trained.model: static_ptq(profile, data, model, n_batches)[0],
+                  "dynamic": lambda model=trained.model: quantize_dynamic(model),
+                  "precision": lambda name=name, trained=trained: pcptq.reapply(
+                      profile, data, cache, name, trained, policies[name], config).quantized}
+        for variant in variants.replicated(name):
             # MASSIVE's single-utterance test is read for the fp32 models only (notebooks 02 and 04)
-            out[variant] = evaluated(profile, data, replicate_name(variant, s), make, single=variant == name)
+            out[variant] = evaluated(profile, data, replicate_name(variant, s), makers[variants.lookup(variant).method],
+                                     single=variant == name)
     return out
 
 

@@ -1,36 +1,132 @@
-"""Every deployed variant of the study by name: where its artifact lies and how to load it.
+"""Every variant of the study: one table of what each is, and where each one's artifact lies.
 
-The notebook that makes a variant registers its artifact folder here
-(``artifacts/variants/<result key>.json``); later notebooks (benchmark, per-language,
-significance) and the ``predict`` helper load variants by name without knowing how each
-was made.
+:data:`VARIANTS` is the one place that says what a variant is: the fp32 model it comes from,
+the variant it is derived from, its method, the run-time that loads it and the notebook that makes
+it. Table order, the benchmark's list and the fp32 reference of each quantized variant are read
+from it (:func:`table`, :func:`benchmarked`, :func:`made_by`, :func:`derived`), never from a name.
+
+The notebook that makes a variant registers its artifact folder (``artifacts/variants/<result
+key>.json``); later notebooks and the ``predict`` helper load it by name (:func:`load`).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pandas as pd
+
+from . import artifacts
 from .artifacts import read_json, write_json
 from .config import Profile
 
-# Which notebook makes each variant, for the error that names the step to run first.
-MADE_BY = {"baseline": "02", "kd": "04", "baseline_static": "05", "kd_static": "05", "baseline_dynamic": "06",
-           "kd_dynamic": "06", "kd_pcptq": "07", "baseline_pcptq": "07", "kd_pcptq_fast": "07", "kd_pcptq_onnx": "08",
-           "kd_onnx_int8": "08"}
-# A run-time that loads the same artifact another way.
-RUNTIMES = ("torch", "fast")
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model: str  # the trained model whose weights it holds (itself for a trained model)
+    derived_from: str | None  # the variant it is made from (None: trained)
+    method: str  # fp32, static, dynamic, precision, onnx_int8, onnx_nbits, classic
+    runtime: str  # what runs it: torch, fast (integer kernels), onnx (ONNX Runtime), sklearn
+    notebook: str  # the notebook that makes and registers it
+    replicated: bool  # made once per training seed (notebooks 02, 04, 08); else seed 0 only
+    benchmarked: bool  # timed by notebook 08 and broken down by notebook 09
+
+
+def _v(name, model, derived_from, method, runtime, notebook, replicated=True, benchmarked=True) -> Variant:
+    return Variant(name, model, derived_from, method, runtime, notebook, replicated, benchmarked)
+
+
+# In the order the study's tables list them.
+VARIANTS = (
+    _v("baseline", "baseline", None, "fp32", "torch", "02"),
+    _v("teacher_idsf", "teacher_idsf", None, "fp32", "torch", "03", replicated=False, benchmarked=False),
+    _v("teacher_iddc", "teacher_iddc", None, "fp32", "torch", "03", replicated=False, benchmarked=False),
+    _v("teacher_dcsf", "teacher_dcsf", None, "fp32", "torch", "03", replicated=False, benchmarked=False),
+    _v("kd", "kd", None, "fp32", "torch", "04"),
+    _v("baseline_static", "baseline", "baseline", "static", "torch", "05"),
+    _v("baseline_dynamic", "baseline", "baseline", "dynamic", "torch", "06"),
+    _v("kd_static", "kd", "kd", "static", "torch", "05"),
+    _v("kd_dynamic", "kd", "kd", "dynamic", "torch", "06"),
+    _v("kd_pcptq", "kd", "kd", "precision", "torch", "07"),
+    _v("baseline_pcptq", "baseline", "baseline", "precision", "torch", "07"),
+    _v("kd_pcptq_fast", "kd", "kd_pcptq", "precision", "fast", "07", replicated=False),
+    _v("kd_pcptq_onnx", "kd", "kd_pcptq", "onnx_nbits", "onnx", "08", replicated=False),
+    _v("kd_onnx_int8", "kd", "kd", "onnx_int8", "onnx", "08", replicated=False),
+    _v("classic", "classic", None, "classic", "sklearn", "02", replicated=False, benchmarked=False),
+)
+BY_NAME = {v.name: v for v in VARIANTS}
+# Table order; names outside it (e.g. ablation runs) go last.
+ORDER = [v.name for v in VARIANTS]
+# Run-times a registered artifact can be loaded with (the classic reference is not registered).
+RUNTIMES = ("torch", "fast", "onnx")
+
+
+def table() -> pd.DataFrame:
+    """The variant table, one row per variant."""
+    return pd.DataFrame([asdict(v) for v in VARIANTS])
+
+
+def lookup(name: str) -> Variant:
+    if name not in BY_NAME:
+        raise KeyError(f"{name!r} is not a variant of the study; variants: {', '.join(ORDER)}")
+    return BY_NAME[name]
+
+
+def made_by(notebook: str) -> list[str]:
+    """The variants notebook ``notebook`` (``"05"`` or ``"05_static_ptq"``) makes, in table order."""
+    return [v.name for v in VARIANTS if v.notebook == notebook[:2]]
+
+
+def lineage(name: str) -> list[str]:
+    """``name`` and every variant it is derived from, nearest first."""
+    chain = [name]
+    while (parent := lookup(chain[-1]).derived_from) is not None:
+        chain.append(parent)
+    return chain
+
+
+def derived(from_: str, method: str | None = None, runtime: str | None = None,
+            include_self: bool = False) -> list[str]:
+    """The variants made from ``from_`` directly or through another variant, in table order;
+    ``method``, ``runtime``: of that method, run-time only; ``include_self``: ``from_`` first."""
+    out = [v.name for v in VARIANTS if v.name != from_ and from_ in lineage(v.name)
+           and method in (None, v.method) and runtime in (None, v.runtime)]
+    return [from_, *out] if include_self else out
+
+
+def replicated(model: str) -> list[str]:
+    """The variants of trained model ``model`` made on every training seed, in table order."""
+    return [v.name for v in VARIANTS if v.model == model and v.replicated]
+
+
+def benchmarked(methods: tuple[str, ...] | None = None) -> list[str]:
+    """The variants notebook 08 times (``methods``: of those methods only), each trained model's
+    together: the model first, then what is made from it, in table order."""
+    chosen = [v for v in VARIANTS if v.benchmarked and (methods is None or v.method in methods)]
+    models = list(dict.fromkeys(v.model for v in chosen))
+    return [v.name for m in models for v in chosen if v.model == m]
+
+
+def upsert_rows(path: Path | str, rows: pd.DataFrame, key: list[str]) -> pd.DataFrame:
+    """:func:`compactnlu.artifacts.upsert_rows` with the rows kept in the table's order."""
+    return artifacts.upsert_rows(path, rows, key, order=ORDER)
 
 
 def _registry(profile: Profile) -> Path:
     return profile.artifacts_dir / "variants" / f"{profile.result_key}.json"
 
 
-def register(profile: Profile, variant: str, folder: Path | str, runtime: str = "torch") -> None:
+def register(profile: Profile, name: str, folder: Path | str, runtime: str | None = None) -> None:
+    """Record ``folder`` as variant ``name``'s artifact, loaded with ``runtime`` (default: the table's)."""
+    if name not in BY_NAME:
+        raise ValueError(f"{name!r} is not in the variant table (compactnlu.variants.VARIANTS); add it there first")
+    runtime = runtime or BY_NAME[name].runtime
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     path = _registry(profile)
     entries = read_json(path) if path.exists() else {}
-    entries[variant] = {"folder": str(Path(folder).resolve()), "runtime": runtime}
+    entries[name] = {"folder": str(Path(folder).resolve()), "runtime": runtime}
     write_json(path, entries)
 
 
@@ -39,12 +135,12 @@ def registered(profile: Profile) -> dict[str, dict]:
     return read_json(path) if path.exists() else {}
 
 
-def folder_of(profile: Profile, variant: str) -> Path:
-    entry = registered(profile).get(variant)
+def folder_of(profile: Profile, name: str) -> Path:
+    entry = registered(profile).get(name)
     if entry is None:
-        step = MADE_BY.get(variant)
+        step = BY_NAME[name].notebook if name in BY_NAME else None
         hint = f"run notebook {step} first" if step else "no notebook makes it"
-        raise KeyError(f"variant {variant!r} is not registered for profile {profile.name!r}: {hint}")
+        raise KeyError(f"variant {name!r} is not registered for profile {profile.name!r}: {hint}")
     return Path(entry["folder"])
 
 

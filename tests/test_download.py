@@ -10,7 +10,7 @@ import urllib.error
 import pytest
 
 from compactnlu.config import GLOSS_LOCALE, LOCALES
-from compactnlu.massive import (
+from compactnlu.massive_download import (
     MASSIVE_LOCALES, OFFICIAL_SHA256, TARBALL_NAME, ArchiveError, download, locate, safe_extract,
 )
 
@@ -82,7 +82,7 @@ def test_official_checksums_are_the_default(tarball):
 
 
 def test_verify_without_a_known_checksum_warns(tarball, caplog):
-    with caplog.at_level("WARNING", logger="compactnlu.massive"):
+    with caplog.at_level("WARNING", logger="compactnlu.massive_download"):
         paths = locate(tarball.parent, ["hi-IN"], checksums={})
     assert paths["hi-IN"].is_file()
     assert any("no known SHA-256" in r.getMessage() for r in caplog.records)
@@ -101,7 +101,7 @@ def test_unknown_locale_is_refused_before_any_download(tmp_path, monkeypatch, na
     def no_download(*args):
         raise AssertionError("download attempted")
 
-    monkeypatch.setattr("compactnlu.massive.download", no_download)
+    monkeypatch.setattr("compactnlu.massive_download.download", no_download)
     with pytest.raises(ValueError) as info:
         locate(tmp_path, ["hi-IN", name])
     message = str(info.value)

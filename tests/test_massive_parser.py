@@ -7,9 +7,9 @@ import logging
 import pytest
 
 from compactnlu.massive import (
-    AnnotationError, DroppedLine, MassiveFormatError, load_massive, locate, parse_annotation,
-    read_locale_file,
+    AnnotationError, DroppedLine, MassiveFormatError, load_massive, parse_annotation, read_locale_file,
 )
+from compactnlu.massive_download import locate
 
 from conftest import good_lines, jsonl_line, record, write_jsonl
 

@@ -13,7 +13,8 @@ import torch
 
 from compactnlu import paper, paper_scale as ps, variants
 from compactnlu.config import load_profile
-from compactnlu.quant.precision import precision_groups
+from compactnlu.paper_scale.build import fp32_build
+from compactnlu.quant import precision_groups
 
 TINY = ps.Shape(vocab_size=1000, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=64)
 VARIANTS = ["fp32", "static", "dynamic", "kd_pcptq", "kd_pcptq_fast", "kd_pcptq_nbits", "uniform8", "uniform8_fast",
@@ -183,7 +184,7 @@ def test_a_method_that_fails_is_a_note_not_a_crash(tmp_path):
     inputs = ps.make_inputs(ps.Settings(shape=TINY, repeats=1, singles=1, calibration_batches=1), 8, "test")
     builder = ps.Builder(tmp_path / "scratch", inputs, log=lambda msg: None)
     model = ps.build_model(TINY)
-    builder.add(ps.Variant("fp32", "fp32", "torch float"), ps._fp32(model))
+    builder.add(ps.Variant("fp32", "fp32", "torch float"), fp32_build(model))
 
     def broken(folder):
         raise MemoryError("too big at this scale")

@@ -1,4 +1,5 @@
-"""``compactnlu.significance``: sufficient statistics against ``task_metrics``, and the tests' behaviour."""
+"""``compactnlu.metric_statistics`` (sufficient statistics) against ``task_metrics``, and the behaviour of
+``compactnlu.significance``'s tests."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import pytest
 
 from compactnlu.compose import LabelSpace
 from compactnlu.metrics import METRIC_COLUMNS, task_metrics
+from compactnlu.metric_statistics import column_sums, example_statistics, metric_from_sums, metric_value
 from compactnlu.significance import (
-    REQUIRED_COLUMNS, TABLE_COLUMNS, approximate_randomization, column_sums, compare, example_statistics,
-    metric_from_sums, metric_value, paired_bootstrap, seeds_table, welch_over_seeds,
+    REQUIRED_COLUMNS, TABLE_COLUMNS, approximate_randomization, compare, paired_bootstrap, seeds_table,
+    welch_over_seeds,
 )
 
 # i10, i11 and s5 occur only as wrong predictions, i12 and s6 nowhere: sklearn's macro-F1

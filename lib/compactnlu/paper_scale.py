@@ -199,7 +199,7 @@ def mapped_policy_table(policy: dict[str, int]) -> pd.DataFrame:
 
 def uniform(model: MultiTaskNLU, bits: int) -> dict[str, int]:
     """Every precision group (per layer, word embedding included) at ``bits``."""
-    from .quant.precision import precision_groups
+    from .quant.groups import precision_groups
 
     return {g: bits for g in precision_groups(model, per_layer=True, embedding=True)}
 
@@ -392,7 +392,8 @@ def _quiet_root_logger():
 
 
 def _onnx_int8(model, threads: int):
-    from .onnx_runtime import OnnxNLU, export_onnx, quantize_onnx_dynamic
+    from .onnx_runtime import OnnxNLU, export_onnx
+    from .quant.onnx_int8 import quantize_onnx_dynamic
 
     def build(folder):
         with _quiet_root_logger():
@@ -406,7 +407,7 @@ def _onnx_int8(model, threads: int):
 
 
 def _onnx_nbits(builder: Builder, source: str, threads: int):
-    from .onnx_nbits import ACCURACY_LEVEL, export_precision_onnx
+    from .quant.onnx_nbits import ACCURACY_LEVEL, export_precision_onnx
     from .onnx_runtime import OnnxNLU
 
     def build(folder):

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from .artifacts import read_json, write_json
 from .config import Profile
+from .model import MultiTaskNLU
+from .quant import DETAILS_FILE, load_quantized
+from .quant.fast import to_fast
 
 # Which notebook makes each variant, for the error that names the step to run first.
 MADE_BY = {"baseline": "02", "kd": "04", "baseline_static": "05", "kd_static": "05", "baseline_dynamic": "06",
@@ -49,18 +52,12 @@ def folder_of(profile: Profile, variant: str) -> Path:
 
 
 def load(profile: Profile, variant: str):
-    """The variant's model, ready for ``compactnlu.metrics.predict`` and the benchmark."""
-    from .model import MultiTaskNLU
-    from .quant import load_quantized
-    from .quant.fast import to_fast
-
+    """The variant's model, ready for ``compactnlu.metrics.predict`` and the benchmark: a
+    quantized artifact as its recorded method loads it (``quant.load_quantized``), a folder
+    without ``quantization.json`` as the fp32 ``MultiTaskNLU``; runtime "fast" puts a
+    precision-controlled model on fast kernels."""
     folder = folder_of(profile, variant)
-    runtime = registered(profile)[variant]["runtime"]
-    if (folder / "model.onnx").exists():
-        from .onnx_runtime import OnnxNLU
-
-        return OnnxNLU.load(folder)
-    if not (folder / "quantization.json").exists():
+    if not (folder / DETAILS_FILE).exists():
         return MultiTaskNLU.load(folder)
     model = load_quantized(folder)
-    return to_fast(model) if runtime == "fast" else model
+    return to_fast(model) if registered(profile)[variant]["runtime"] == "fast" else model

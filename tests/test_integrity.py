@@ -24,7 +24,7 @@ from compactnlu.compose import LabelSpace
 from compactnlu.model import MultiTaskNLU, assert_finite
 from compactnlu.quant import apply_policy, load_quantized, precision_groups, quantize_dynamic, quantize_static
 from compactnlu.quant import save_quantized
-from compactnlu.quant.precision import quantize_symmetric
+from compactnlu.quant.quantizer import quantize_symmetric
 from compactnlu.train import checkpoint_problem, last_good_checkpoint, train_model
 from test_quant import make_batches, make_model
 from test_train import STEPS, artifacts, counting_trainer, data, profile  # noqa: F401 (fixtures)

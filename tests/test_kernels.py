@@ -19,7 +19,8 @@ from compactnlu.quant import kernels
 from compactnlu.quant.fast import (DequantizedLinear, FbgemmLinear, IntMatmulLinear, choose_kernels, kernel_summary,
                                    quantize_input, to_fast)
 from compactnlu.quant.kernels import fastest, kernel_works, measure
-from compactnlu.quant.precision import PrecisionLinear, fake_quantize
+from compactnlu.quant.quantizer import fake_quantize
+from compactnlu.quant.stored import PrecisionLinear
 
 ROWS = 64
 needs = {kernel: pytest.mark.skipif(not kernel_works(kernel), reason=f"{kernel} does not run on this torch/CPU")
@@ -314,7 +315,7 @@ def test_fbgemm_holds_the_stored_integers():
     layer = paper_layer(4)
     fast = FbgemmLinear(layer)
     unpacked = torch.ops.quantized.linear_unpack(fast.packed)[0]
-    assert torch.equal(unpacked.int_repr(), layer._integers(layer.qweight).to(torch.int8))
+    assert torch.equal(unpacked.int_repr(), layer.integers().to(torch.int8))
     assert torch.allclose(unpacked.q_per_channel_scales().float(), layer.scale.reshape(-1))
 
 

@@ -1,4 +1,4 @@
-"""``compactnlu.onnx_nbits``: the precision-controlled model as one ONNX Runtime graph.
+"""``compactnlu.quant.onnx_nbits``: the precision-controlled model as one ONNX Runtime graph.
 
 The packing of the stored integers decodes (by MatMulNBits' own rule) to exactly the
 stored weights; the graph holds MatMulNBits for exactly the 4/8-bit layers (with their
@@ -21,12 +21,11 @@ from onnx import numpy_helper
 from torch import nn
 
 from compactnlu.bench import artifact_size_mb
-from compactnlu.onnx_nbits import (
-    METHOD, block_size_for, dequantize_nbits, export_precision_onnx, logit_error_bound, matmul_nbits_inputs,
-    weight_only_model, _unsigned_blocks,
-)
 from compactnlu.onnx_runtime import CRF_FILE, ONNX_FILE, OnnxNLU, export_onnx
-from compactnlu.quant.precision import PrecisionEmbedding, PrecisionLinear, apply_policy, precision_groups
+from compactnlu.quant.groups import apply_policy, precision_groups
+from compactnlu.quant.nbits_graph import block_size_for, dequantize_nbits, matmul_nbits_inputs, unsigned_blocks
+from compactnlu.quant.onnx_nbits import METHOD, export_precision_onnx, logit_error_bound, weight_only_model
+from compactnlu.quant.stored import PrecisionEmbedding, PrecisionLinear
 from test_onnx_runtime import TOY_ENCODER, make_batch, make_model, run_predict, tiny_dataset
 
 # Every kind of layer the export meets: 4-bit and 8-bit encoder groups and heads (MatMul
@@ -126,7 +125,7 @@ def test_embedding_blocks_decode_to_the_stored_table():
     torch.manual_seed(1)
     for bits in (4, 8):
         table = PrecisionEmbedding.from_embedding(nn.Embedding(50, 32), bits)
-        data = _unsigned_blocks(table, 32)
+        data = unsigned_blocks(table, 32)
         decoded = dequantize_nbits(data, table.scale.numpy().repeat(1, axis=1), bits, 32)
         assert np.array_equal(decoded, table.dequantized_weight().numpy())
 

@@ -28,7 +28,8 @@ from compactnlu.cpu import ASSUME_NO_VNNI, has_vnni
 from compactnlu.features import IGNORE, MultiTaskCollator
 from compactnlu.metrics import predict
 from compactnlu.model import MultiTaskNLU, NLUConfig
-from compactnlu.onnx_runtime import CRF_FILE, ONNX_FILE, OnnxNLU, export_onnx, quantize_onnx_dynamic
+from compactnlu.onnx_runtime import CRF_FILE, ONNX_FILE, OnnxNLU, export_onnx
+from compactnlu.quant.onnx_int8 import quantize_onnx_dynamic
 
 # Bigger than the other tests' toy encoder (vocab 50, width 16) so that weights, not the
 # graph's structure, make up most of the file, as in a real model: the int8 size test

@@ -21,9 +21,11 @@ from compactnlu.inference import predict, spans
 from compactnlu.quant import load_quantized
 from compactnlu.quant.fast import Int4PackLinear, IntMatmulLinear, agreement, kernel_summary, to_fast
 from compactnlu.quant.kernels import kernel_works
-from compactnlu.quant.precision import PrecisionLinear, group_param_counts, precision_groups, qmax
-from compactnlu.quant.search import (SearchConfig, bits_share, export_policy, model_bytes, policy_table,
-                                     search_policy, uniform_policy)
+from compactnlu.quant.groups import group_param_counts, precision_groups
+from compactnlu.quant.precision import export_policy
+from compactnlu.quant.quantizer import qmax
+from compactnlu.quant.search import SearchConfig, bits_share, model_bytes, policy_table, uniform_policy
+from compactnlu.quant.stored import PrecisionLinear
 from compactnlu.study import fp32_models, teachers
 from compactnlu.train import collator_for
 
@@ -60,8 +62,8 @@ def share_at(result, bits: int, model) -> float:
 
 def test_the_controller_answers_lambda(data, models, cache):
     model = models["kd"].model
-    free = search_policy(model, data, cache, collator_for(data), SearchConfig(lam=0.0, steps=20))
-    costly = search_policy(model, data, cache, collator_for(data), SearchConfig(lam=20.0, steps=20))
+    free = pcptq.search(model, data, cache, SearchConfig(lam=0.0, steps=20))
+    costly = pcptq.search(model, data, cache, SearchConfig(lam=20.0, steps=20))
     # Without a cost most groups keep 16 bits; which of 8 and 16 (or even 4, for the word
     # embedding) the loss prefers is a near tie that differs between trained models, so only
     # the majority is asserted. With a large cost, almost every weight goes to 4 bits.
@@ -78,7 +80,7 @@ def test_the_controller_answers_lambda(data, models, cache):
 def test_the_search_leaves_the_fp32_model_alone(data, models, cache):
     model = models["kd"].model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    search_policy(model, data, cache, collator_for(data), SearchConfig(lam=1.0, steps=3, weight_lr=1e-2))
+    pcptq.search(model, data, cache, SearchConfig(lam=1.0, steps=3, weight_lr=1e-2))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

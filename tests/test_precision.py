@@ -14,12 +14,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compactnlu.model import MultiTaskNLU, NLUConfig
-from compactnlu.quant.precision import (
-    GumbelController, MixedPrecisionEmbedding, MixedPrecisionLinear, PrecisionEmbedding, PrecisionLinear,
-    activation_variance, anneal_rate, apply_mixed, apply_policy, dequantize, fake_quantize, fake_quantize_weight,
-    group_param_counts, pack_int4, precision_groups, qmax, quantize_symmetric, controller_prior, sensitivity_policy,
-    sensitivity_scores, tau_at, unpack_int4,
-)
+from compactnlu.quant.controller import (GumbelController, MixedPrecisionEmbedding, MixedPrecisionLinear, anneal_rate,
+                                         tau_at)
+from compactnlu.quant.groups import apply_mixed, apply_policy, group_param_counts, precision_groups
+from compactnlu.quant.quantizer import dequantize, fake_quantize, fake_quantize_weight, qmax, quantize_symmetric
+from compactnlu.quant.sensitivity import activation_variance, controller_prior, sensitivity_policy, sensitivity_scores
+from compactnlu.quant.stored import PrecisionEmbedding, PrecisionLinear, pack_int4, unpack_int4
 
 ENCODER = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                max_position_embeddings=40, pad_token_id=1, type_vocab_size=1)
@@ -451,7 +451,6 @@ def test_apply_mixed_searches_on_a_tiny_model():
 def test_a_frozen_policy_saves_as_safetensors_and_reloads_exactly(tmp_path):
     from compactnlu.bench import artifact_size_mb
     from compactnlu.quant import load_quantized, save_quantized
-    from compactnlu.quant.precision import apply_policy, precision_groups
 
     model = make_model()
     groups = precision_groups(model, per_layer=True, embedding=True)

@@ -198,7 +198,7 @@ def environment() -> dict:
 def kernels_used(model) -> str:
     """For the environment table: which matrix-multiply kernels a loaded variant runs on."""
     from .quant.fast import kernel_summary
-    from .quant.precision import PrecisionLinear
+    from .quant.stored import PrecisionLinear
 
     if type(model).__name__ == "OnnxNLU":
         return "onnxruntime (MLAS)"

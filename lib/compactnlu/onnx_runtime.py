@@ -1,14 +1,16 @@
-"""The ONNX Runtime int8 reference: the student exported to ONNX and quantized with
-onnxruntime's dynamic quantization, what a practitioner would deploy on CPU.
+"""Models in ONNX Runtime: the fp32 export and the session behind the study's model interface.
+The ONNX quantization methods built on them are ``compactnlu.quant.onnx_int8`` (ORT's dynamic
+int8) and ``compactnlu.quant.onnx_nbits`` (the PC-PTQ model keeping its bits).
 
-Three steps, each a folder the study's size helper (``compactnlu.bench.artifact_size_mb``,
-which counts ``model.*``, ``config.json`` and ``quantization.json``) can measure:
+The ORT int8 reference takes three steps, each a folder the study's size helper
+(``compactnlu.bench.artifact_size_mb``, which counts ``model.*``, ``config.json`` and
+``quantization.json``) can measure:
 
 ``export_onnx(model, folder)``
     ``model.onnx`` (fp32; inputs ``input_ids`` and ``attention_mask``, int64 ``[batch, seq]``;
     outputs only the logits of the model's tasks, in ``TASKS`` order), ``config.json`` and,
     when the model slot-fills, the CRF's three parameter tensors in ``model.crf.safetensors``.
-``quantize_onnx_dynamic(src_folder, dst_folder, reduce_range=None)``
+``quant.onnx_int8.quantize_onnx_dynamic(src_folder, dst_folder, reduce_range=None)``
     ORT's pre-processing then ``quantize_dynamic`` (int8 weights, 7-bit on CPUs without
     VNNI; activations quantized on the fly), plus ``quantization.json`` naming the choice
     and the CPU it was made for; config and CRF copied unchanged.
@@ -28,7 +30,6 @@ import copy
 import json
 import logging
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .artifacts import atomic_dir
-from .cpu import assumed_no_vnni, cpu_model, has_vnni, isa_flags
+from .cpu import has_vnni
 from .interface import NLUOutput
 from .model import TASKS, BIOCRF, MultiTaskNLU, NLUConfig, assert_finite, pack_words
 
@@ -48,37 +49,6 @@ ONNX_FILE = "model.onnx"
 CRF_FILE = "model.crf.safetensors"  # "model.*": counted by artifact_size_mb like the weights
 OPSET = 20  # what torch 2.13's dynamo exporter emits natively (no version conversion); ORT 1.32 runs it
 PROTOBUF_LIMIT = 2 * 1024**3  # one .onnx file holds at most 2 GiB (xlm-roberta-base fp32 is ~1.1 GB)
-
-# The quantization settings, stated once (and written to quantization.json).
-#  - QInt8 weights (symmetric, signed): ORT's default and what its docs recommend for
-#    dynamic quantization on x86 CPUs (activations are then uint8, the u8s8 kernels).
-#  - per_channel off: measured on the test student (tests/test_onnx_runtime.py, 2 layers,
-#    width 32), per-channel scales did not lower the worst logit error (intent 0.011 vs
-#    0.008, slot 0.024 both) and made the file 3% larger; per-tensor is quantize_dynamic's
-#    default and what a practitioner would get.
-#  - reduce_range (7-bit weights, [-64, 64]) chosen per CPU by reduce_range_for_cpu(), and
-#    written to quantization.json with the CPU it was based on. Without VNNI, ORT's u8s8
-#    kernels (vpmaddubsw) add pairs of u8 x s8 products in 16 bits, which saturate for full
-#    8-bit weights (255 * 127 * 2 > 32767) and not for 7-bit ones (255 * 64 * 2 < 32767);
-#    ORT's docs prescribe reduce_range for such CPUs ("When to use reduce-range"). On an
-#    AVX2-only AMD EPYC, full-range weights gave logit errors of 0.33 on the test student.
-#    With VNNI, products accumulate exactly in 32 bits and 7 bits only cost resolution;
-#    measured on an AVX-512 VNNI EPYC, full 8 bits -> 7 bits: test student
-#    (tests/test_onnx_runtime.py), max logit error intent 0.008 -> 0.010, slot 0.024 ->
-#    0.030, decisions on 200 examples the same as torch's for 97-100% -> 98.5-99.5%; trained
-#    smoke student (8 epochs, 180 test examples), intent 0.049 -> 0.088, slot 0.087 ->
-#    0.094, tag paths 98.9% -> 96.7% the same. So 7 bits only where they are needed.
-#  - Every op type ORT quantizes dynamically (op_types_to_quantize left at None): MatMul
-#    with a constant weight (every Linear; the quantizer rewrites the heads' Gemm as MatMul
-#    first) and Gather (the embedding tables, so they shrink as in the torch variants).
-#    Attention's activation x activation MatMuls stay fp32 (MatMulConstBOnly).
-QUANTIZATION = {"method": "onnxruntime_dynamic", "weight_type": "QInt8", "per_channel": False,
-                "pre_process": True}
-
-
-def reduce_range_for_cpu() -> bool:
-    """7-bit weights where ORT's int8 kernels would saturate (no VNNI), full 8 bits elsewhere."""
-    return not has_vnni()
 
 
 class _LogitsOnly(nn.Module):
@@ -170,65 +140,11 @@ def export_onnx(model: MultiTaskNLU, folder: Path | str) -> Path:
     return folder
 
 
-def quantize_onnx_dynamic(src_folder: Path | str, dst_folder: Path | str,
-                          reduce_range: bool | None = None) -> Path:
-    """int8 dynamic quantization of ``src_folder/model.onnx`` into ``dst_folder``; return it.
-
-    ORT's pre-processing (``quant_pre_process``: symbolic shape inference, ORT's basic graph
-    optimisation, ONNX shape inference) runs first, as ORT's quantization docs recommend:
-    the quantizer needs tensor shapes, and folding is better done before than during
-    quantization. Settings: ``QUANTIZATION`` above; ``reduce_range`` None chooses 7-bit
-    weights from this CPU (``reduce_range_for_cpu``). Config and CRF are copied unchanged.
-    A NaN or inf initializer is refused (ValueError naming it) before anything is written.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    src, dst = Path(src_folder), Path(dst_folder)
-    if not (src / ONNX_FILE).is_file():
-        raise FileNotFoundError(f"no {ONNX_FILE} in {src}; run export_onnx first")
-    assert_finite(_float_initializers(src / ONNX_FILE), str(src / ONNX_FILE))
-    if reduce_range is None:
-        reduce_range = reduce_range_for_cpu()
-    with atomic_dir(dst) as tmp, tempfile.TemporaryDirectory(prefix="ort-pre-") as scratch:
-        prepared = Path(scratch) / ONNX_FILE
-        quant_pre_process(str(src / ONNX_FILE), str(prepared))
-        quantize_dynamic(prepared, tmp / ONNX_FILE, weight_type=QuantType.QInt8,
-                         per_channel=QUANTIZATION["per_channel"], reduce_range=reduce_range)
-        for name in ("config.json", CRF_FILE):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
-        import onnxruntime
-
-        details = {**QUANTIZATION, "reduce_range": bool(reduce_range), "onnxruntime": onnxruntime.__version__,
-                   "quantized_ops": _quantized_ops(tmp / ONNX_FILE),
-                   # what reduce_range was chosen for: the CPU that quantized
-                   "quantized_on": {"cpu": cpu_model(), "isa": isa_flags(), "vnni": has_vnni(),
-                                    "assume_no_vnni": assumed_no_vnni()}}
-        (tmp / "quantization.json").write_text(json.dumps(details, indent=1))
-    return dst
-
-
-def _float_initializers(path: Path) -> dict[str, torch.Tensor]:
-    """The graph's floating-point initializers (its weights), by name."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load(str(path)).graph
-    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    return {name: torch.from_numpy(np.array(a)) for name, a in arrays.items() if a.dtype.kind == "f"}
-
-
-def _quantized_ops(path: Path) -> dict[str, int]:
-    """Counts of the integer ops in a quantized graph (what quantization actually touched)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    counts: dict[str, int] = {}
-    for node in graph.node:
-        if node.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear", "ConvInteger"):
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
+def copy_sidecars(src: Path, dst: Path) -> None:
+    """Copy ``config.json`` and the CRF (if any) from one ONNX folder to another, unchanged."""
+    for name in ("config.json", CRF_FILE):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
 
 
 class OnnxNLU:

@@ -8,20 +8,28 @@ the fp32 model it came from and every setting of its search, so a rerun reloads 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from .artifacts import atomic_write, read_json, write_json
 from .bench import artifact_size_mb
+from .distill import DistillCollator, DistillConfig, Distiller, attach_rows, teacher_hidden_size
 from .metrics import METRIC_COLUMNS, predict, task_metrics
-from .quant.common import load_quantized, quantized_dir, save_quantized
-from .quant.search import (
-    SearchConfig, export_policy, model_bytes, search_policy, sensitivity_only_policy, uniform_policy,
-)
+from .quant import load_quantized, quantized_dir, save_quantized
+from .quant.precision import export_policy
+from .quant.search import SearchConfig, model_bytes, search_policy, sensitivity_only_policy, uniform_policy
 from .train import collator_for
+
+# The search's objective: the teachers' targets without a trained fusion (which only the
+# distilled student has), and without the representation terms, whose projection would need
+# training from scratch.
+SEARCH_DISTILLATION = DistillConfig(fusion="mean", use_mse=False, use_crd=False)
 
 # The selection rule, fixed before looking at test numbers.
 SELECTION_RULE = ("the smallest artifact whose dev id_acc and sf_f1 are both within {tolerance:.0%} "
@@ -39,6 +47,47 @@ class Candidate:
     history: pd.DataFrame | None = None  # the search's steps (λ candidates only)
 
 
+def teacher_batches(data, cache: dict, collator, batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless batches of the training split (never dev or test), each with its rows' cached
+    teacher outputs; a fresh seeded order each pass."""
+    train = attach_rows(data.features["train"])
+    collate = DistillCollator(collator, cache)
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(train))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([train[int(i)] for i in order[start:start + batch_size]])
+
+
+def search_batches(data, cache: dict, config: SearchConfig) -> Iterator[dict]:
+    """The search's calibration batches: ``teacher_batches`` at the config's batch size and seed."""
+    return teacher_batches(data, cache, collator_for(data), config.batch_size, config.seed)
+
+
+def distillation_objective(cache: dict):
+    """The search's objective (``quant.search.Objective``): the distillation loss against the
+    teachers' cached outputs, fused by their mean, plus the task losses; the baseline and the
+    student are searched under this one objective."""
+    def bind(model: nn.Module):
+        distiller = Distiller(model, SEARCH_DISTILLATION, teacher_hidden_size(cache)).eval()
+
+        def loss(batch: Mapping) -> torch.Tensor:
+            return distiller(**batch)["loss"]
+        return loss
+    return bind
+
+
+def search(model: nn.Module, data, cache: dict, config: SearchConfig, desc: str = "search"):
+    """Algorithm 1 on ``model`` under the study's objective (``quant.search.search_policy``)."""
+    return search_policy(model, search_batches(data, cache, config), distillation_objective(cache), config, desc)
+
+
+def sensitivity_only(model: nn.Module, data, cache: dict, config: SearchConfig) -> dict[str, int]:
+    """The sensitivity-only policy of ``model`` on the search's calibration batches."""
+    policy, _ = sensitivity_only_policy(model, search_batches(data, cache, config), config)
+    return policy
+
+
 def _saved(folder: Path) -> tuple[dict, pd.DataFrame | None]:
     details = read_json(folder / "quantization.json")
     history = folder / "search_history.csv"
@@ -51,7 +100,7 @@ def searched(profile, data, cache, name: str, trained, config: SearchConfig) -> 
     folder = quantized_dir(profile, f"{name}_pcptq", details)
     label = f"lambda={config.lam:g}"
     if not folder.exists():
-        result = search_policy(trained.model, data, cache, collator_for(data), config, desc=f"{name} {label}")
+        result = search(trained.model, data, cache, config, desc=f"{name} {label}")
         save_quantized(result.model, folder, "precision", {**details, "policy": result.policy,
                                                             "probabilities": result.probabilities.to_dict("index")})
         atomic_write(folder / "search_history.csv", lambda tmp: result.history.to_csv(tmp, index=False))
@@ -76,8 +125,8 @@ def candidates(profile, data, cache, name: str, trained, config: SearchConfig, l
     for bits in config.bits:
         out.append(fixed(profile, name, trained, f"uniform-{bits}",
                          uniform_policy(trained.model, bits, config.per_layer, config.embedding), config))
-    policy, _ = sensitivity_only_policy(trained.model, data, cache, collator_for(data), config)
-    out.append(fixed(profile, name, trained, "sensitivity", policy, config))
+    out.append(fixed(profile, name, trained, "sensitivity", sensitivity_only(trained.model, data, cache, config),
+                     config))
     return out
 
 
@@ -91,8 +140,7 @@ def reapply(profile, data, cache, name: str, trained, policy_name: str, config: 
         return fixed(profile, name, trained, policy_name,
                      uniform_policy(trained.model, bits, config.per_layer, config.embedding), config)
     if policy_name == "sensitivity":
-        policy, _ = sensitivity_only_policy(trained.model, data, cache, collator_for(data), config)
-        return fixed(profile, name, trained, policy_name, policy, config)
+        return fixed(profile, name, trained, policy_name, sensitivity_only(trained.model, data, cache, config), config)
     raise ValueError(f"unknown PC-PTQ policy {policy_name!r}; expected lambda=<x>, uniform-<bits> or sensitivity")
 
 

@@ -19,6 +19,9 @@ import pandas as pd
 from . import artifacts
 from .artifacts import read_json, write_json
 from .config import Profile
+from .model import MultiTaskNLU
+from .quant import DETAILS_FILE, load_quantized
+from .quant.fast import to_fast
 
 
 @dataclass(frozen=True)
@@ -145,18 +148,12 @@ def folder_of(profile: Profile, name: str) -> Path:
 
 
 def load(profile: Profile, variant: str):
-    """The variant's model, ready for ``compactnlu.metrics.predict`` and the benchmark."""
-    from .model import MultiTaskNLU
-    from .quant import load_quantized
-    from .quant.fast import to_fast
-
+    """The variant's model, ready for ``compactnlu.metrics.predict`` and the benchmark: a
+    quantized artifact as its recorded method loads it (``quant.load_quantized``), a folder
+    without ``quantization.json`` as the fp32 ``MultiTaskNLU``; runtime "fast" puts a
+    precision-controlled model on fast kernels."""
     folder = folder_of(profile, variant)
-    runtime = registered(profile)[variant]["runtime"]
-    if (folder / "model.onnx").exists():
-        from .onnx_runtime import OnnxNLU
-
-        return OnnxNLU.load(folder)
-    if not (folder / "quantization.json").exists():
+    if not (folder / DETAILS_FILE).exists():
         return MultiTaskNLU.load(folder)
     model = load_quantized(folder)
-    return to_fast(model) if runtime == "fast" else model
+    return to_fast(model) if registered(profile)[variant]["runtime"] == "fast" else model

@@ -19,9 +19,10 @@ import torch
 
 from .. import bench
 from ..model import MultiTaskNLU
-from ..onnx_nbits import ACCURACY_LEVEL, export_precision_onnx
-from ..onnx_runtime import OnnxNLU, export_onnx, quantize_onnx_dynamic
-from ..quant import apply_policy, precision_groups, quantize_dynamic, quantize_static, save_quantized
+from ..onnx_runtime import OnnxNLU, export_onnx
+from ..quant import (apply_policy, export_precision_onnx, precision_groups, quantize_dynamic, quantize_onnx_dynamic,
+                     quantize_static, save_quantized)
+from ..quant.onnx_nbits import ACCURACY_LEVEL
 from ..quant.fast import to_fast
 from .inputs import Inputs
 from .policy import StudyPolicy, map_policy, uniform

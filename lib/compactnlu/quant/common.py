@@ -1,4 +1,5 @@
-"""What static and dynamic PTQ share: the x86 engine, quiet deprecation warnings, save and load.
+"""What the eager-mode methods share (the x86 engine, quiet deprecation warnings, saving and
+loading ``model.pt``), calibration batches, and where quantized artifacts go.
 
 ``torch.ao.quantization`` is deprecated in torch 2.13 (its successor is torchao's PT2E
 flow, ``torchao.quantization.pt2e``), but it is still the eager-mode API the paper used.
@@ -13,16 +14,15 @@ import pickle
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from torch import nn
 
-from ..artifacts import (atomic_dir, read_json, read_safetensors, verify_checksums, with_checksums,
-                         write_json)
 from ..cachekeys import artifact_dir
 from ..model import MultiTaskNLU, NLUConfig, assert_finite
+from .method import CONFIG_FILE, DETAILS_FILE, QuantizationMethod, skeleton, write_config
 
 ENGINE = "x86"  # fbgemm kernels with x86 dispatch; the machine is x86-64
-WEIGHT_FILES = {"static": "model.pt", "dynamic": "model.pt", "precision": "model.safetensors"}
 
 
 @contextlib.contextmanager
@@ -54,42 +54,7 @@ def float_tensors(state: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_quantized(model: MultiTaskNLU, folder: Path | str, method: str, details: dict | None = None) -> Path:
-    """``config.json`` + ``quantization.json`` (the method, ``details`` and the weights' SHA-256) + the weights.
-
-    ``static`` and ``dynamic`` models hold torch quantized tensors, which safetensors cannot
-    store: they go to ``model.pt``, read back with ``torch.load(weights_only=True)`` (no
-    pickled code runs). ``precision`` models hold plain integer and float tensors:
-    ``model.safetensors``; ``details`` must then carry ``policy``, ``per_channel``,
-    ``per_layer`` and ``embedding`` so the structure can be rebuilt.
-    """
-    if method not in WEIGHT_FILES:
-        raise ValueError(f"method must be one of {sorted(WEIGHT_FILES)}, got {method!r}")
-    state = model.state_dict()
-    assert_finite(float_tensors(state), f"saving the {method} model to {folder}")
-    weights = WEIGHT_FILES[method]
-    with atomic_dir(folder) as tmp:
-        (tmp / "config.json").write_text(model.config.to_json())
-        if method == "precision":
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp / weights)
-        else:
-            with quiet_quantization():
-                torch.save(state, tmp / weights)
-        write_json(tmp / "quantization.json", with_checksums({"method": method, **(details or {})}, tmp, [weights]))
-    return Path(folder)
-
-
-def _precision_structure(model: MultiTaskNLU, details: dict, source: Path) -> MultiTaskNLU:
-    from .precision import apply_policy, precision_groups
-
-    try:
-        groups = precision_groups(model, per_layer=details["per_layer"], embedding=details["embedding"])
-        return apply_policy(model, details["policy"], groups, per_channel=details["per_channel"])
-    except (KeyError, TypeError, ValueError) as error:  # a missing field, an unknown group, bad bits
-        raise ValueError(f"{source}: cannot rebuild the precision structure: {error!r}") from None
-
-
-def _read_torch_weights(path: Path) -> dict:
+def read_torch_weights(path: Path) -> dict:
     try:
         with quiet_quantization():
             return torch.load(path, weights_only=True)
@@ -97,50 +62,51 @@ def _read_torch_weights(path: Path) -> dict:
         raise ValueError(f"{path}: not a readable torch weights file ({error})") from None
 
 
-def load_quantized(folder: Path | str, labels=None) -> MultiTaskNLU:
-    """Rebuild the quantized structure from the float config, then load the saved weights.
-
-    The weights are checked against the SHA-256 that ``quantization.json`` records, for NaN and
-    inf (scales included) and, for ``precision``, against the bits each layer is recorded with.
-    ``labels``, the data's ``LabelSpace``, makes a model for other labels an error.
-    """
-    from .dynamic import dynamic_structure
-    from .precision import check_stored_integers
-    from .static import static_structure
-
-    folder = Path(folder)
-    config_file, details_file = folder / "config.json", folder / "quantization.json"
-    config = NLUConfig.read(config_file)
-    if labels is not None:
-        config.check_labels(labels, config_file)
-    config.pretrained = None
-    details = read_json(details_file)
-    method = details.get("method") if isinstance(details, dict) else None
-    if method not in WEIGHT_FILES:
-        raise ValueError(f"{details_file}: method must be one of {sorted(WEIGHT_FILES)}, got {method!r}")
-    weights = folder / WEIGHT_FILES[method]
-    verify_checksums(details_file, [weights.name])
-    state = read_safetensors(weights) if method == "precision" else _read_torch_weights(weights)
-    assert_finite(float_tensors(state), str(weights))
-    skeleton = MultiTaskNLU(config).eval()
-    if method == "precision":
-        model = _precision_structure(skeleton, details, details_file)
-        check_stored_integers(model, state, str(weights))
-    else:
-        with quiet_quantization():
-            model = {"static": static_structure, "dynamic": dynamic_structure}[method](skeleton)
+def load_state(model: nn.Module, state: dict, weights: Path) -> nn.Module:
+    """``model`` (the rebuilt structure) holding ``state``, in eval mode; a misfit names the files."""
     try:
         with quiet_quantization():
             model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(f"{weights} does not fit {config_file} and {details_file.name}: {error}") from None
+    except (RuntimeError, KeyError) as error:  # torch's quantized modules raise KeyError for missing qparams
+        raise ValueError(f"{weights} does not fit {weights.parent / CONFIG_FILE} and {DETAILS_FILE}: {error}") from None
     return model.eval()
+
+
+class EagerMethod(QuantizationMethod):
+    """A torch.ao eager-mode method (static, dynamic): its models hold torch quantized tensors,
+    which safetensors cannot store, so they go to ``model.pt``, read back with
+    ``torch.load(weights_only=True)`` (no pickled code runs). Loading rebuilds the converted
+    structure from the float config (``structure``), then loads the weights."""
+
+    weights = "model.pt"
+
+    def structure(self, model: MultiTaskNLU) -> MultiTaskNLU:
+        """The converted structure of the float ``model``, without calibration."""
+        raise NotImplementedError
+
+    def check(self, model: MultiTaskNLU, folder: Path, details: dict) -> None:
+        assert_finite(float_tensors(model.state_dict()), f"saving the {self.name} model to {folder}")
+
+    def write(self, model: MultiTaskNLU, tmp: Path, details: dict) -> dict:
+        write_config(model, tmp)
+        with quiet_quantization():
+            torch.save(model.state_dict(), tmp / self.weights)
+        return details
+
+    def weight_files(self, config: NLUConfig) -> list[str]:
+        return [self.weights]
+
+    def load(self, folder: Path, config: NLUConfig, details: dict) -> MultiTaskNLU:
+        weights = folder / self.weights
+        state = read_torch_weights(weights)
+        assert_finite(float_tensors(state), str(weights))
+        with quiet_quantization():
+            model = self.structure(skeleton(config))
+        return load_state(model, state, weights)
 
 
 def calibration_batches(data, collator, batch_size: int, seed: int):
     """Batches of the training split in a seeded random order (never dev or test)."""
-    import numpy as np
-
     train = data.features["train"]
     order = np.random.default_rng(seed).permutation(len(train))
     for start in range(0, len(order), batch_size):

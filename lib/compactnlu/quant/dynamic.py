@@ -8,7 +8,7 @@ from torch import nn
 from torch.ao import quantization as tq
 
 from ..model import MultiTaskNLU, assert_finite
-from .common import float_copy, quiet_quantization
+from .common import EagerMethod, float_copy, quiet_quantization
 
 
 def dynamic_structure(model: MultiTaskNLU) -> MultiTaskNLU:
@@ -23,3 +23,13 @@ def quantize_dynamic(model: MultiTaskNLU) -> MultiTaskNLU:
     in ``model`` is a ValueError naming the tensor (an inf weight gives an inf scale, NaN logits)."""
     assert_finite(model.state_dict(), "quantize_dynamic")
     return dynamic_structure(float_copy(model))
+
+
+class DynamicPTQ(EagerMethod):
+    """Saved as ``model.pt``; loads back as the dynamically quantized ``MultiTaskNLU``."""
+
+    name = "dynamic"
+    quantize = staticmethod(quantize_dynamic)
+
+    def structure(self, model: MultiTaskNLU) -> MultiTaskNLU:
+        return dynamic_structure(model)

@@ -45,7 +45,8 @@ from ..features import IGNORE
 from ..interface import NLUModel, decide
 from . import kernels
 from .kernels import CANDIDATES, DEFAULT_ROWS, FLOOR
-from .precision import PrecisionLinear, fake_quantize, qmax, qmin
+from .quantizer import fake_quantize, qmax, qmin
+from .stored import PrecisionLinear
 
 KERNELS = ("auto", "int_mm", "fbgemm", "dequant", "int4pack")
 FBGEMM_INPUT_BITS = 7  # fbgemm's activation grid with reduce_range: uint8 values 0..127
@@ -63,7 +64,7 @@ def quantize_input(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     x = x.float()
     low, high = torch.aminmax(x)
     amax = torch.maximum(-low, high)
-    step = torch.where(amax > 0, amax / qmax(bits), torch.ones_like(amax))  # all zeros: step 1, as _scale
+    step = torch.where(amax > 0, amax / qmax(bits), torch.ones_like(amax))  # all zeros: step 1, as absmax_scale
     return (x / step).round_().clamp_(qmin(bits), qmax(bits)), step
 
 
@@ -75,7 +76,7 @@ class IntMatmulLinear(nn.Module):
     def __init__(self, layer: PrecisionLinear):
         super().__init__()
         self.bits, self.out_features = layer.bits, layer.out_features
-        integers = layer._integers(layer.qweight).to(torch.int8)
+        integers = layer.integers().to(torch.int8)
         self.register_buffer("weight_t", integers.t().contiguous())  # [in, out], as _int_mm wants
         self.register_buffer("scale", layer.scale.reshape(1, -1).float().clone() if layer.per_channel
                              else layer.scale.reshape(1, 1).float().clone())
@@ -102,7 +103,7 @@ class Int4PackLinear(nn.Module):
         if cols % 32:
             raise ValueError(f"the int4 kernel needs in_features divisible by 32, got {cols}")
         padded = -(-rows // 16) * 16
-        integers = F.pad(layer._integers(layer.qweight).to(torch.int32) + 8, (0, 0, 0, padded - rows), value=8)
+        integers = F.pad(layer.integers().to(torch.int32) + 8, (0, 0, 0, padded - rows), value=8)
         self.out_features, self.group = rows, min(_INT4_GROUP, cols) if cols % _INT4_GROUP == 0 else 32
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(integers.contiguous(), 1))
         scale = F.pad(layer.scale.reshape(-1).expand(rows).float(), (0, padded - rows), value=1.0)
@@ -132,7 +133,7 @@ class FbgemmLinear(nn.Module):
             raise ValueError(f"FbgemmLinear takes layers of at most 8 bits, got {layer.bits}")
         self.out_features = layer.out_features
         self.input_bits = layer.bits if layer.bits < FBGEMM_INPUT_BITS else None
-        integers = layer._integers(layer.qweight).to(torch.int8)
+        integers = layer.integers().to(torch.int8)
         scales = layer.scale.reshape(-1).expand(layer.out_features).float()  # a per-tensor scale on every row
         with warnings.catch_warnings():
             # quantized tensors are deprecated; kernel_works says when they are gone

@@ -9,11 +9,12 @@ One search (``search_policy``):
    annealed temperature, run the model whose grouped layers mix their 4/8/16-bit versions
    by that sample, and minimise
 
-       distillation loss against the fused teachers + task losses + λ · expected cost
+       objective(batch) + λ · expected cost
 
-   where the cost is the expected bits of the controlled weights as a fraction of fp32.
-   The teachers' outputs come from the distillation cache (notebook 04), fused by their
-   mean, so the baseline and the student are searched under one objective. ``θ`` and, if
+   where the cost is the expected bits of the controlled weights as a fraction of fp32 and
+   the objective is the caller's (the study's: distillation against the fused teachers plus
+   the task losses, ``compactnlu.pcptq.distillation_objective``), so this module needs no
+   training code. ``θ`` and, if
    ``weight_lr > 0`` (the paper's Algorithm 1 updates both), the float weights are trained;
    weights get their gradient through the quantizer's straight-through estimator.
 3. Freeze (line 15): the argmax of ``θ`` per group, exported as ``PrecisionLinear`` /
@@ -26,24 +27,23 @@ model, it does not retrain it.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import trange
 
-from ..distill import DistillCollator, DistillConfig, Distiller, attach_rows, teacher_hidden_size
-from .precision import (
-    DEFAULT_BITS, GumbelController, Groups, _StoredWeight, activation_variance, anneal_rate, apply_mixed, apply_policy,
-    controller_prior, group_param_counts, precision_groups, sensitivity_policy, sensitivity_scores, tau_at,
-)
+from .controller import GumbelController, anneal_rate, tau_at
+from .groups import Groups, apply_mixed, apply_policy, group_param_counts, precision_groups
+from .quantizer import DEFAULT_BITS
+from .sensitivity import activation_variance, controller_prior, sensitivity_policy, sensitivity_scores
+from .stored import StoredWeight
 
-# The teachers' targets without a trained fusion (which only the distilled student has),
-# and without the representation terms, whose projection would need training from scratch.
-SEARCH_DISTILLATION = DistillConfig(fusion="mean", use_mse=False, use_crd=False)
+# Binds the search's loss to the model it searches (the mixed-precision copy): called once,
+# before the first step, it returns ``loss(batch) -> scalar tensor``.
+Objective = Callable[[nn.Module], Callable[[Mapping], torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -75,21 +75,9 @@ class SearchResult:
     policy: dict[str, int]  # group -> frozen bits
     model: nn.Module  # the exported model (PrecisionLinear / PrecisionEmbedding layers)
     probabilities: pd.DataFrame  # final softmax(θ): one row per group, one column per bit-width
-    history: pd.DataFrame  # per step: tau, loss, distillation loss, expected cost, expected bits per group
+    history: pd.DataFrame  # per step: tau, loss, the objective's loss ("distillation"), expected cost, bits per group
     sensitivity: dict[str, float]
     config: SearchConfig = field(default_factory=SearchConfig)
-
-
-def teacher_batches(data, cache: dict, collator, batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless batches of the training split (never dev or test), each with its rows' cached
-    teacher outputs; a fresh seeded order each pass."""
-    train = attach_rows(data.features["train"])
-    collate = DistillCollator(collator, cache)
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(len(train))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([train[int(i)] for i in order[start:start + batch_size]])
 
 
 def _inputs(batch: Mapping) -> dict:
@@ -101,29 +89,29 @@ def group_sensitivity(model: nn.Module, groups: Groups, batches: Sequence[Mappin
     return sensitivity_scores(groups, activation_variance(model, groups, [_inputs(b) for b in batches]))
 
 
-def _groups_and_sensitivity(model: nn.Module, data, cache: dict, collator, config: SearchConfig):
-    """The model's groups, the calibration batches (endless), and each group's sensitivity
-    on the first ``config.sensitivity_batches`` of them."""
+def _groups_and_sensitivity(model: nn.Module, batches: Iterator[Mapping], config: SearchConfig):
+    """The model's groups and each group's sensitivity on the next ``config.sensitivity_batches``
+    of ``batches``."""
     groups = precision_groups(model, per_layer=config.per_layer, embedding=config.embedding)
-    batches = teacher_batches(data, cache, collator, config.batch_size, config.seed)
     scores = group_sensitivity(model, groups, list(itertools.islice(batches, config.sensitivity_batches)))
-    return groups, batches, scores
+    return groups, scores
 
 
-def search_policy(model: nn.Module, data, cache: dict, collator, config: SearchConfig = SearchConfig(),
-                  desc: str = "search") -> SearchResult:
+def search_policy(model: nn.Module, batches: Iterator[Mapping], objective: Objective,
+                  config: SearchConfig = SearchConfig(), desc: str = "search") -> SearchResult:
     """Run Algorithm 1 on a copy of ``model`` (left as it is) and return the frozen, exported result.
 
-    ``cache``: the teachers' cached outputs on the training split
-    (``compactnlu.distill.cached_teacher_outputs``); ``collator``: the study's collator.
+    ``batches``: endless calibration batches of the training split (the first
+    ``config.sensitivity_batches`` score sensitivity, then one per step); ``objective``: the
+    loss the search minimises besides the cost (``Objective``).
     """
     torch.manual_seed(config.seed)
-    groups, batches, scores = _groups_and_sensitivity(model, data, cache, collator, config)
+    groups, scores = _groups_and_sensitivity(model, batches, config)
     counts = group_param_counts(groups)
     controller = GumbelController(list(groups), config.bits,
                                   controller_prior(scores, counts, config.bits, config.lam, config.sensitivity_strength))
     mixed = apply_mixed(model, groups, controller, per_channel=config.per_channel).eval()
-    objective = Distiller(mixed, SEARCH_DISTILLATION, teacher_hidden_size(cache)).eval()
+    loss_of = objective(mixed)
     parameters = [{"params": controller.parameters(), "lr": config.theta_lr}]
     if config.weight_lr > 0:
         parameters.append({"params": mixed.parameters(), "lr": config.weight_lr})
@@ -135,15 +123,15 @@ def search_policy(model: nn.Module, data, cache: dict, collator, config: SearchC
     for step in trange(config.steps, desc=desc, leave=False):
         tau = tau_at(step, config.tau0, config.tau_min, rate)
         controller.resample(tau, hard=config.hard)
-        out = objective(**next(batches))
+        task_loss = loss_of(next(batches))
         cost = controller.expected_cost(counts)
-        loss = out["loss"] + config.lam * cost
+        loss = task_loss + config.lam * cost
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             expected = dict(zip(controller.groups, controller.expected_bits().tolist()))
-        history.append({"step": step, "tau": tau, "loss": loss.item(), "distillation": out["loss"].item(),
+        history.append({"step": step, "tau": tau, "loss": loss.item(), "distillation": task_loss.item(),
                         "expected_cost": cost.item(), **{f"bits:{g}": b for g, b in expected.items()}})
     controller.current = None
     policy = controller.freeze()
@@ -159,19 +147,13 @@ def uniform_policy(model: nn.Module, bits: int, per_layer: bool = True, embeddin
     return {g: bits for g in precision_groups(model, per_layer=per_layer, embedding=embedding)}
 
 
-def sensitivity_only_policy(model: nn.Module, data, cache: dict, collator, config: SearchConfig = SearchConfig()
+def sensitivity_only_policy(model: nn.Module, batches: Iterator[Mapping], config: SearchConfig = SearchConfig()
                             ) -> tuple[dict[str, int], dict[str, float]]:
-    """Algorithm 1's sensitivity score alone: groups cut into equal quantiles, the least
-    sensitive getting the fewest bits (no controller, no training)."""
-    _, _, scores = _groups_and_sensitivity(model, data, cache, collator, config)
+    """Algorithm 1's sensitivity score alone, on the next ``config.sensitivity_batches`` of
+    ``batches``: groups cut into equal quantiles, the least sensitive getting the fewest bits
+    (no controller, no training)."""
+    _, scores = _groups_and_sensitivity(model, batches, config)
     return sensitivity_policy(scores, config.bits), scores
-
-
-def export_policy(model: nn.Module, policy: Mapping[str, int], per_layer: bool = True, embedding: bool = True,
-                  per_channel: bool = True) -> nn.Module:
-    """``model`` with ``policy`` applied to its trained weights as they are (plain PTQ)."""
-    groups = precision_groups(model, per_layer=per_layer, embedding=embedding)
-    return apply_policy(model, policy, groups, per_channel=per_channel).eval()
 
 
 # ---------------------------------------------------------------- reporting
@@ -183,7 +165,7 @@ def model_bytes(model: nn.Module) -> dict[str, float]:
     stored = floor = 0.0
     counted = set()
     for name, module in model.named_modules():
-        if isinstance(module, _StoredWeight):
+        if isinstance(module, StoredWeight):
             b = module.weight_bytes()
             stored += b["stored"]
             floor += b["floor"]

@@ -19,7 +19,7 @@ from torch.ao import quantization as tq
 from torch.ao.quantization.observer import MinMaxObserver
 
 from ..model import MultiTaskNLU, assert_finite
-from .common import float_copy, quiet_quantization
+from .common import EagerMethod, float_copy, quiet_quantization
 
 # 7-bit activations (0..127): x86 kernels without VNNI can overflow 16-bit accumulators with full-range uint8
 STATIC_QCONFIG = tq.QConfig(
@@ -82,3 +82,14 @@ def quantize_static(model: MultiTaskNLU, batches, n_batches: int) -> tuple[Multi
         if used == 0:
             raise ValueError("static quantization got an empty calibration set: no batch to calibrate on")
         return tq.convert(prepared, inplace=True), used
+
+
+class StaticPTQ(EagerMethod):
+    """Saved as ``model.pt`` (``details`` records ``n_batches``); loads back as the converted
+    ``MultiTaskNLU``."""
+
+    name = "static"
+    quantize = staticmethod(quantize_static)
+
+    def structure(self, model: MultiTaskNLU) -> MultiTaskNLU:
+        return static_structure(model)

@@ -1,0 +1,81 @@
+"""What a quantization method is here: a handler that says how its artifact is checked,
+written and loaded back as something that runs, and the one versioned record every
+artifact carries (``quantization.json``).
+
+A handler subclasses ``QuantizationMethod``; ``registry.METHODS`` lists them by ``name``.
+Each artifact folder holds the method's files and ``quantization.json``:
+``{"format_version": 1, "method": <name>, <the method's details>, "checksums": {file: SHA-256}}``.
+Loading reads the recorded method and dispatches to its handler (``registry.load_quantized``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..artifacts import RERUN, atomic_dir, read_json, with_checksums, write_json
+from ..model import MultiTaskNLU, NLUConfig
+
+FORMAT_VERSION = 1  # raise it when a handler changes what it writes; loaders refuse other versions
+DETAILS_FILE = "quantization.json"
+CONFIG_FILE = "config.json"
+
+
+class QuantizationMethod:
+    """One quantization method. ``quantize`` is the method's own entry point (its inputs differ:
+    calibration batches, a policy, an ONNX folder); the rest is what saving and loading need."""
+
+    name: str = ""  # what quantization.json records
+
+    def check(self, source, folder: Path, details: dict) -> None:
+        """Refuse ``source`` or ``details`` before anything is written (NaN or inf weights, bad settings)."""
+
+    def write(self, source, tmp: Path, details: dict) -> dict:
+        """Write the method's files (``config.json`` included) into the fresh folder ``tmp``;
+        return the details to record."""
+        raise NotImplementedError
+
+    def weight_files(self, config: NLUConfig) -> list[str]:
+        """The files whose SHA-256 ``quantization.json`` records and every load checks."""
+        raise NotImplementedError
+
+    def load(self, folder: Path, config: NLUConfig, details: dict):
+        """What runs: a model with ``__call__(**batch)``, ``.tasks``, ``.decode_slots`` and ``.eval()``.
+        The checksums are verified before this is called."""
+        raise NotImplementedError
+
+
+def save_artifact(method: QuantizationMethod, source, folder: Path | str, details: dict | None = None) -> Path:
+    """``method``'s files and the versioned ``quantization.json`` in ``folder``, written atomically."""
+    folder, details = Path(folder), dict(details or {})
+    method.check(source, folder, details)
+    with atomic_dir(folder) as tmp:
+        recorded = method.write(source, tmp, details)
+        config = NLUConfig.read(tmp / CONFIG_FILE)
+        record = {"format_version": FORMAT_VERSION, "method": method.name, **recorded}
+        write_json(tmp / DETAILS_FILE, with_checksums(record, tmp, method.weight_files(config)))
+    return folder
+
+
+def read_record(path: Path, methods) -> dict:
+    """``quantization.json``'s record, its method one of ``methods`` and its version this one's."""
+    record = read_json(path)
+    method = record.get("method") if isinstance(record, dict) else None
+    if method not in methods:
+        raise ValueError(f"{path}: method must be one of {sorted(methods)}, got {method!r}; a method is loaded "
+                         "only once it is registered in compactnlu.quant.registry; otherwise " + RERUN)
+    version = record.get("format_version")
+    if version != FORMAT_VERSION:
+        found = "records no format_version (saved before it was recorded)" if version is None else \
+            f"has format_version {version!r}"
+        raise ValueError(f"{path} {found}; this compactnlu reads format_version {FORMAT_VERSION}: {RERUN}")
+    return record
+
+
+def write_config(model: MultiTaskNLU, tmp: Path) -> None:
+    (tmp / CONFIG_FILE).write_text(model.config.to_json())
+
+
+def skeleton(config: NLUConfig) -> MultiTaskNLU:
+    """A float model of ``config``'s shape to load quantized weights into (no pretrained download)."""
+    config.pretrained = None
+    return MultiTaskNLU(config).eval()

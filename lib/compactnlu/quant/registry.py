@@ -1,0 +1,59 @@
+"""Every quantization method by the name ``quantization.json`` records, and the two calls that
+use them: ``save_quantized`` and ``load_quantized``.
+
+Adding a method: a module with a ``QuantizationMethod`` subclass (``method.py`` says what
+it defines), one entry in ``METHODS`` below, one test file. Loading reads the recorded
+method and its ``format_version`` and dispatches to the handler; it never guesses a
+format from which files a folder holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..artifacts import verify_checksums
+from ..model import NLUConfig
+from .dynamic import DynamicPTQ
+from .method import CONFIG_FILE, DETAILS_FILE, QuantizationMethod, read_record, save_artifact
+from .onnx_int8 import ORT_INT8
+from .onnx_nbits import ONNX_NBITS
+from .precision import PrecisionPTQ
+from .static import StaticPTQ
+
+METHODS: dict[str, QuantizationMethod] = {m.name: m for m in (
+    StaticPTQ(), DynamicPTQ(), PrecisionPTQ(), ORT_INT8, ONNX_NBITS,
+)}
+
+
+def save_quantized(source, folder: Path | str, method: str, details: dict | None = None) -> Path:
+    """``source`` saved by ``method``'s handler in ``folder``, with a ``quantization.json``
+    recording the format version, the method, ``details`` and the files' SHA-256.
+
+    ``source`` is what the method saves: the quantized model for ``static``, ``dynamic`` and
+    ``precision`` (``details`` must then carry ``policy``, ``per_channel``, ``per_layer`` and
+    ``embedding``), the fp32 ONNX folder for ``onnxruntime_dynamic``, the precision model for
+    ``onnx_matmulnbits``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    return save_artifact(METHODS[method], source, folder, details)
+
+
+def read_details(folder: Path | str) -> dict:
+    """The record of a quantized artifact, its method registered and its format version this one's."""
+    return read_record(Path(folder) / DETAILS_FILE, METHODS)
+
+
+def load_quantized(folder: Path | str, labels=None):
+    """What runs, as the recorded method's handler loads it: its files checked against the
+    SHA-256 that ``quantization.json`` records, then for NaN and inf and what the method
+    checks besides (for ``precision``, the bits each layer is recorded with). ``labels``,
+    the data's ``LabelSpace``, makes a model for other labels an error."""
+    folder = Path(folder)
+    config = NLUConfig.read(folder / CONFIG_FILE)
+    if labels is not None:
+        config.check_labels(labels, folder / CONFIG_FILE)
+    details = read_details(folder)
+    method = METHODS[details["method"]]
+    verify_checksums(folder / DETAILS_FILE, method.weight_files(config))
+    return method.load(folder, config, details)

@@ -22,10 +22,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import PROFILES
+from .config import PROFILES, load_profile
 from .cpu import cpu_model, has_vnni, isa_flags
 from .features import IGNORE, load_study_data
 from .interface import Decisions, NLUModel, decide
+from .quant.fast import kernel_summary
+from .quant.stored import PrecisionLinear
+from .train import collator_for
+from .variants import load as load_variant
 
 # What a deployment loads: weights (embeddings included), scales, configs; not training logs.
 DEPLOYED = ("model.*", "config.json", "quantization.json")
@@ -162,10 +166,6 @@ def peak_memory_mb(profile, variant: str, n_batches: int = 20, batch_size: int =
 
 def _memory_probe(profile_name: str, overrides: dict, variant: str, n_batches: int, batch_size: int,
                   threads: int) -> dict:
-    from .config import load_profile
-    from .train import collator_for
-    from .variants import load
-
     torch.set_num_threads(threads)
     profile = load_profile(profile_name, overrides)
     data = load_study_data(profile)
@@ -174,7 +174,7 @@ def _memory_probe(profile_name: str, overrides: dict, variant: str, n_batches: i
                                batch_size)
     _reset_peak()
     before = _status_mb("VmRSS")
-    model = load(profile, variant)
+    model = load_variant(profile, variant)
     loaded = _status_mb("VmRSS")
     for batch in batches:
         infer(model, batch)
@@ -197,9 +197,6 @@ def environment() -> dict:
 
 def kernels_used(model) -> str:
     """For the environment table: which matrix-multiply kernels a loaded variant runs on."""
-    from .quant.fast import kernel_summary
-    from .quant.stored import PrecisionLinear
-
     if type(model).__name__ == "OnnxNLU":
         return "onnxruntime (MLAS)"
     modules = list(model.modules())

@@ -14,7 +14,7 @@ words at -2..+2 and the locale. Its weights are fitted with CRFsuite's averaged 
 higher span F1 than L2 likelihood by SGD (``crf_algorithm="l2sgd"``) in 8 passes and 145 s;
 likelihood by L-BFGS costs ~16 s an iteration there, far too slow. The whole fit took 4.6
 minutes on one core of a 2-core machine, predicting both test sets 12 s. Its tags are read
-with :func:`metrics.one_label_per_word`: an ``I-x`` that continues nothing becomes ``B-x`` (as
+with :func:`compose.one_label_per_word`: an ``I-x`` that continues nothing becomes ``B-x`` (as
 seqeval reads it) and a ``B-x`` right after a tag of type x becomes ``I-x``, so a run of one
 type is one span. That is the neural CRF's rule too (its mask forbids ``B-x``/``I-x -> B-x``
 and ``O -> I-x``), and every gold sequence of the study is already in that form.
@@ -48,7 +48,7 @@ from .cachekeys import artifact_dir
 from .config import Profile
 from .features import StudyData
 from .interface import decide_sets
-from .metrics import multi_hot, one_label_per_word
+from .compose import multi_hot, one_label_per_word
 
 log = logging.getLogger(__name__)
 

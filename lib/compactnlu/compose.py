@@ -169,3 +169,22 @@ def singles(records: datasets.Dataset, partition: str = "test") -> datasets.Data
     rows = [_example(f"{r['locale']}/{partition}/single/{r['id']}", [r], DEFAULT_SEPARATOR)
             for r in records if r["partition"] == partition]
     return rows_to_dataset(rows, FEATURES)
+
+def multi_hot(sets, names) -> np.ndarray:
+    """``[n, len(names)]`` int8 indicators of each set of label names."""
+    index = {n: i for i, n in enumerate(names)}
+    out = np.zeros((len(sets), len(names)), dtype=np.int8)
+    for r, labels in enumerate(sets):
+        out[r, [index[x] for x in labels]] = 1
+    return out
+
+def one_label_per_word(tags: list[str]) -> list[str]:
+    """BIO ``tags`` as MASSIVE's official scoring reads them: one slot type per word, a run of
+    one type is one span (alexa/massive ``convert_to_bio``). B-x B-x and I-x B-x become
+    B-x I-x; an I-x that continues nothing becomes B-x, as seqeval already reads it."""
+    out, previous = [], None
+    for tag in tags:
+        slot = None if tag == "O" else tag[2:]
+        out.append("O" if slot is None else ("I-" if slot == previous else "B-") + slot)
+        previous = slot
+    return out

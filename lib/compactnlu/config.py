@@ -11,10 +11,11 @@ import hashlib
 import json
 import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .type_checks import fits, floats_in, list_hint, type_name
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCALES = ("hi-IN", "bn-BD", "ta-IN", "te-IN", "kn-IN", "ml-IN")
@@ -222,45 +223,6 @@ FIELD_RANGES: dict[str, tuple[typing.Callable, str]] = {
 }
 
 
-def _type_name(hint) -> str:
-    plain = typing.get_origin(hint) is None and isinstance(hint, type)
-    return hint.__name__ if plain else str(hint).replace("NoneType", "None")
-
-
-def _fits(value, hint) -> bool:
-    """Whether ``value`` has the annotated type: an int passes for a float, a bool only for a bool."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if origin is tuple:
-        if not isinstance(value, tuple):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_fits(v, args[0]) for v in value)
-        return len(value) == len(args) and all(map(_fits, value, args))
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _type_hint(value, hint) -> str:
-    """What to write instead, where a list is expected."""
-    if typing.get_origin(hint) is not tuple:
-        return ""
-    if isinstance(value, str):
-        return ' (a list such as ["a", "b"], not a string)'
-    args = typing.get_args(hint)
-    if isinstance(value, tuple) and Ellipsis not in args and len(value) != len(args):
-        return f" (exactly {len(args)} values, not {len(value)})"
-    return ""
-
-
-def _numbers(value) -> list:
-    return [x for x in (value if isinstance(value, tuple) else (value,)) if isinstance(x, float)]
-
-
 def validate(profile: Profile) -> None:
     """Raise ProfileError naming the first field whose value has the wrong type or range."""
     def refuse(name, value, expected):
@@ -268,10 +230,10 @@ def validate(profile: Profile) -> None:
 
     for name, hint in FIELD_TYPES.items():
         value = getattr(profile, name)
-        if not _fits(value, hint):
+        if not fits(value, hint):
             refuse(name, value,
-                   f"has type {type(value).__name__}; expected {_type_name(hint)}{_type_hint(value, hint)}")
-        if not all(math.isfinite(x) for x in _numbers(value)):
+                   f"has type {type(value).__name__}; expected {type_name(hint)}{list_hint(value, hint)}")
+        if not all(math.isfinite(x) for x in floats_in(value)):
             refuse(name, value, "is not a finite number")
     for name, (check, allowed) in FIELD_RANGES.items():
         value = getattr(profile, name)

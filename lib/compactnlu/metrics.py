@@ -27,7 +27,7 @@ from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from .artifacts import atomic_write
-from .compose import LabelSpace
+from .compose import LabelSpace, multi_hot, one_label_per_word  # noqa: F401 (part of metrics' API)
 from .features import IGNORE
 from .interface import THRESHOLD, NLUModel, decide, label_sets
 
@@ -89,13 +89,6 @@ def predict(model: NLUModel, dataset, collator, labels: LabelSpace, batch_size: 
     return df
 
 
-def multi_hot(sets, names) -> np.ndarray:
-    """``[n, len(names)]`` int8 indicators of each set of label names."""
-    index = {n: i for i, n in enumerate(names)}
-    out = np.zeros((len(sets), len(names)), dtype=np.int8)
-    for r, labels in enumerate(sets):
-        out[r, [index[x] for x in labels]] = 1
-    return out
 
 
 def _set_metrics(gold, pred, names) -> tuple[float, float, float]:
@@ -130,16 +123,6 @@ def by_locale(df: pd.DataFrame, labels: LabelSpace, metric_fn=None) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def one_label_per_word(tags: list[str]) -> list[str]:
-    """BIO ``tags`` as MASSIVE's official scoring reads them: one slot type per word, a run of
-    one type is one span (alexa/massive ``convert_to_bio``). B-x B-x and I-x B-x become
-    B-x I-x; an I-x that continues nothing becomes B-x, as seqeval already reads it."""
-    out, previous = [], None
-    for tag in tags:
-        slot = None if tag == "O" else tag[2:]
-        out.append("O" if slot is None else ("I-" if slot == previous else "B-") + slot)
-        previous = slot
-    return out
 
 
 def massive_metrics(df: pd.DataFrame) -> dict[str, float]:

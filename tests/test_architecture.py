@@ -1,0 +1,122 @@
+"""The library's shape, checked from its source with ``ast``: imports go one way, modules stay small.
+
+Imports go config → data → model → train → distill/quant → evaluation → bench → analysis
+(README, "Layout"). A module may import its own layer or a lower one, never a higher one, and
+never inside a function to dodge a cycle: the import graph is acyclic as written.
+"""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lib" / "compactnlu"
+MAX_LINES = 360  # "about 350"
+
+LAYERS = ["config", "data", "model", "train", "distill/quant", "evaluation", "bench", "analysis"]
+# Every module's layer; a new module must be placed here (test_every_module_has_a_layer).
+LAYER_OF = {
+    "compactnlu": "config", "compactnlu.artifacts": "config", "compactnlu.config": "config",
+    "compactnlu.cachekeys": "config", "compactnlu.cpu": "config", "compactnlu.paper": "config",
+    "compactnlu.type_checks": "config",
+    "compactnlu.massive_download": "data", "compactnlu.massive": "data", "compactnlu.compose": "data",
+    "compactnlu.synthetic": "data", "compactnlu.features": "data", "compactnlu.explore": "data",
+    "compactnlu.interface": "model", "compactnlu.model": "model",
+    "compactnlu.trainer": "train", "compactnlu.pretrain": "train", "compactnlu.train": "train",
+    "compactnlu.classic": "train",
+    "compactnlu.distill": "distill/quant", "compactnlu.kd_losses": "distill/quant",
+    "compactnlu.teacher_cache": "distill/quant", "compactnlu.quant": "distill/quant",
+    "compactnlu.onnx_runtime": "distill/quant",
+    "compactnlu.metrics": "evaluation", "compactnlu.metric_statistics": "evaluation",
+    "compactnlu.evaluation": "evaluation", "compactnlu.errors": "evaluation", "compactnlu.variants": "evaluation",
+    "compactnlu.inference": "evaluation",
+    "compactnlu.bench": "bench", "compactnlu.pcptq": "bench", "compactnlu.paper_scale": "bench",
+    "compactnlu.significance": "analysis", "compactnlu.plots": "analysis", "compactnlu.study": "analysis",
+    "compactnlu.replicates": "analysis", "compactnlu.reproduce": "analysis", "compactnlu.notebook": "analysis",
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(module: str, node: ast.ImportFrom | ast.Import) -> list[str]:
+    """The compactnlu modules an import statement in ``module`` names."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name in MODULES]
+    package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+    if node.level:
+        base = package.split(".")[:len(package.split(".")) - node.level + 1]
+        source = ".".join(base + ([node.module] if node.module else []))
+    else:
+        source = node.module or ""
+    named = [f"{source}.{a.name}" for a in node.names if f"{source}.{a.name}" in MODULES]
+    return named or ([source] if source in MODULES else [])
+
+
+def _imports(module: str) -> tuple[set[str], list[str]]:
+    """(the compactnlu modules ``module`` imports, those imported inside a function)."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    found, in_function = set(), []
+    functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    nested = {id(n) for f in functions for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            targets = [t for t in _resolve(module, node) if t != module]
+            found.update(targets)
+            if id(node) in nested:
+                in_function += targets
+    return found, in_function
+
+
+GRAPH = {m: _imports(m)[0] for m in MODULES}
+
+
+def layer(module: str) -> int:
+    """The module's layer, or its package's (``compactnlu.quant.static``: ``compactnlu.quant``'s)."""
+    while module not in LAYER_OF and "." in module.removeprefix("compactnlu."):
+        module = module.rpartition(".")[0]
+    name = LAYER_OF.get(module)
+    return LAYERS.index(name) if name else -1
+
+
+def test_import_graph_is_acyclic():
+    try:
+        list(graphlib.TopologicalSorter(GRAPH).static_order())
+    except graphlib.CycleError as error:
+        pytest.fail(f"import cycle: {' -> '.join(error.args[1])}")
+
+
+def test_no_library_import_inside_a_function():
+    late = {m: _imports(m)[1] for m in MODULES}
+    assert {m: t for m, t in late.items() if t} == {}
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in MODULES if layer(m) < 0] == []
+
+
+def test_imports_go_one_way():
+    upward = [(m, t) for m, targets in GRAPH.items() for t in targets
+              if m != "compactnlu" and layer(t) > layer(m)]
+    assert upward == [], "a module imports from a later layer (LAYERS order)"
+
+
+def test_modules_are_small():
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_the_checker_sees_a_cycle_and_a_late_import(tmp_path):
+    """The graph above is built by this file's own parser: a cycle must fail the sorter."""
+    with pytest.raises(graphlib.CycleError):
+        list(graphlib.TopologicalSorter({"a": {"b"}, "b": {"a"}}).static_order())
+    node = ast.parse("def f():\n    from .model import X\n").body[0].body[0]
+    assert _resolve("compactnlu.train", node) == ["compactnlu.model"]

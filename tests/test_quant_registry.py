@@ -135,12 +135,12 @@ def test_variants_load_dispatches_through_the_registry(tmp_path, monkeypatch):
     profile = load_profile("smoke")
     fp32 = make_model(seed=5)
     fp32.save(tmp_path / "fp32")
-    variants.register(profile, "plain", tmp_path / "fp32")
-    variants.register(profile, "pc", saved("precision", tmp_path / "pc"))
-    variants.register(profile, "pc_fast", tmp_path / "pc", runtime="fast")
-    assert type(variants.load(profile, "plain")) is MultiTaskNLU
-    assert isinstance(variants.load(profile, "pc").id_head, PrecisionLinear)
-    assert hasattr(variants.load(profile, "pc_fast").id_head, "kernel")  # a fast-kernel layer
+    variants.register(profile, "baseline", tmp_path / "fp32")
+    variants.register(profile, "kd_pcptq", saved("precision", tmp_path / "kd_pcptq"))
+    variants.register(profile, "kd_pcptq_fast", tmp_path / "kd_pcptq")
+    assert type(variants.load(profile, "baseline")) is MultiTaskNLU
+    assert isinstance(variants.load(profile, "kd_pcptq").id_head, PrecisionLinear)
+    assert hasattr(variants.load(profile, "kd_pcptq_fast").id_head, "kernel")  # a fast-kernel layer
 
 
 def imports_of(path: Path) -> list[tuple[str, bool]]:

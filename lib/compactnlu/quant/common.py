@@ -72,7 +72,30 @@ def load_state(model: nn.Module, state: dict, weights: Path) -> nn.Module:
     return model.eval()
 
 
-class EagerMethod(QuantizationMethod):
+class TorchModelMethod(QuantizationMethod):
+    """A method whose artifact is a ``MultiTaskNLU`` with quantized layers, its state in one file
+    (``weights``): refused before saving if any tensor (scales included) is NaN or inf."""
+
+    weights = ""
+
+    def check(self, model: MultiTaskNLU, folder: Path, details: dict) -> None:
+        assert_finite(float_tensors(model.state_dict()), f"saving the {self.name} model to {folder}")
+
+    def weight_files(self, config: NLUConfig) -> list[str]:
+        return [self.weights]
+
+    def read_state(self, weights: Path) -> dict:
+        raise NotImplementedError
+
+    def checked_state(self, folder: Path) -> tuple[dict, Path]:
+        """The saved state (its checksum already verified) and its path; NaN or inf is refused by name."""
+        weights = folder / self.weights
+        state = self.read_state(weights)
+        assert_finite(float_tensors(state), str(weights))
+        return state, weights
+
+
+class EagerMethod(TorchModelMethod):
     """A torch.ao eager-mode method (static, dynamic): its models hold torch quantized tensors,
     which safetensors cannot store, so they go to ``model.pt``, read back with
     ``torch.load(weights_only=True)`` (no pickled code runs). Loading rebuilds the converted
@@ -84,22 +107,17 @@ class EagerMethod(QuantizationMethod):
         """The converted structure of the float ``model``, without calibration."""
         raise NotImplementedError
 
-    def check(self, model: MultiTaskNLU, folder: Path, details: dict) -> None:
-        assert_finite(float_tensors(model.state_dict()), f"saving the {self.name} model to {folder}")
-
     def write(self, model: MultiTaskNLU, tmp: Path, details: dict) -> dict:
         write_config(model, tmp)
         with quiet_quantization():
             torch.save(model.state_dict(), tmp / self.weights)
         return details
 
-    def weight_files(self, config: NLUConfig) -> list[str]:
-        return [self.weights]
+    def read_state(self, weights: Path) -> dict:
+        return read_torch_weights(weights)
 
     def load(self, folder: Path, config: NLUConfig, details: dict) -> MultiTaskNLU:
-        weights = folder / self.weights
-        state = read_torch_weights(weights)
-        assert_finite(float_tensors(state), str(weights))
+        state, weights = self.checked_state(folder)
         with quiet_quantization():
             model = self.structure(skeleton(config))
         return load_state(model, state, weights)

@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..artifacts import read_safetensors
-from ..model import MultiTaskNLU, NLUConfig, assert_finite
-from .common import float_tensors, load_state
+from ..model import MultiTaskNLU, NLUConfig
+from .common import TorchModelMethod, load_state
 from .groups import apply_policy, check_stored_integers, precision_groups
-from .method import DETAILS_FILE, QuantizationMethod, skeleton, write_config
+from .method import DETAILS_FILE, skeleton, write_config
 
 # What quantization.json must record to rebuild the structure (besides the method's own details).
 STRUCTURE = ("policy", "per_channel", "per_layer", "embedding")
@@ -42,7 +42,7 @@ def precision_structure(model: MultiTaskNLU, details: dict, source: Path) -> Mul
         raise ValueError(f"{source}: cannot rebuild the precision structure: {error!r}") from None
 
 
-class PrecisionPTQ(QuantizationMethod):
+class PrecisionPTQ(TorchModelMethod):
     """Saved as ``model.safetensors``; ``details`` must carry ``STRUCTURE``. Loads back as a
     ``MultiTaskNLU`` with ``PrecisionLinear``/``PrecisionEmbedding`` layers (the paper's path;
     ``fast.to_fast`` puts it on fast kernels), its stored integers checked against the bits
@@ -52,21 +52,16 @@ class PrecisionPTQ(QuantizationMethod):
     weights = "model.safetensors"
     quantize = staticmethod(export_policy)
 
-    def check(self, model: MultiTaskNLU, folder: Path, details: dict) -> None:
-        assert_finite(float_tensors(model.state_dict()), f"saving the {self.name} model to {folder}")
-
     def write(self, model: MultiTaskNLU, tmp: Path, details: dict) -> dict:
         write_config(model, tmp)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / self.weights)
         return details
 
-    def weight_files(self, config: NLUConfig) -> list[str]:
-        return [self.weights]
+    def read_state(self, weights: Path) -> dict:
+        return read_safetensors(weights)
 
     def load(self, folder: Path, config: NLUConfig, details: dict) -> MultiTaskNLU:
-        weights = folder / self.weights
-        state = read_safetensors(weights)
-        assert_finite(float_tensors(state), str(weights))
+        state, weights = self.checked_state(folder)
         model = precision_structure(skeleton(config), details, folder / DETAILS_FILE)
         check_stored_integers(model, state, str(weights))
         return load_state(model, state, weights)

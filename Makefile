@@ -39,7 +39,7 @@ unit: venv
 # COMPACTNLU_ASSUME_NO_VNNI=1 makes compactnlu.cpu.has_vnni() answer False, so the int8 graph
 # is quantized as for such a CPU. Takes about a minute.
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 COMPACTNLU_ASSUME_NO_VNNI=1
-QUANT_TESTS := tests/test_cpu.py tests/test_kernels.py tests/test_quant.py tests/test_quant_registry.py tests/test_precision.py tests/test_pcptq.py tests/test_onnx_runtime.py tests/test_onnx_nbits.py
+QUANT_TESTS := tests/test_cpu.py tests/test_kernels.py tests/test_quant.py tests/test_static.py tests/test_dynamic.py tests/test_quant_registry.py tests/test_precision.py tests/test_pcptq.py tests/test_onnx_runtime.py tests/test_onnx_nbits.py
 
 unit-avx2: venv
 	$(AVX2_ONLY) $(PY) -m pytest -p no:cacheprovider $(QUANT_TESTS)

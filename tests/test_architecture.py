@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import json
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,46 @@ def test_imports_go_one_way():
     upward = [(m, t) for m, targets in GRAPH.items() for t in targets
               if m != "compactnlu" and layer(t) > layer(m)]
     assert upward == [], "a module imports from a later layer (LAYERS order)"
+
+
+TRAINING_STACK = {"compactnlu.trainer", "compactnlu.pretrain", "compactnlu.train", "compactnlu.distill",
+                  "compactnlu.kd_losses", "compactnlu.teacher_cache"}
+
+
+def test_quantization_does_not_import_the_training_stack():
+    """quant/ takes a trained model and, for the search, an objective as a callable."""
+    reach = {m: t & TRAINING_STACK for m, t in GRAPH.items() if m.startswith("compactnlu.quant")}
+    assert {m: t for m, t in reach.items() if t} == {}
+
+
+def _code_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, stripped line) of the lines that carry code: no blanks, comments or lone brackets."""
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.strip().startswith("#") and line.strip() not in {")", "]", "}", "),", "],"}]
+
+
+def _sources() -> dict[str, str]:
+    out = {str(p.relative_to(PACKAGE.parents[1])): p.read_text(encoding="utf-8") for p in MODULES.values()}
+    for notebook in sorted((PACKAGE.parents[1] / "notebooks").glob("*.ipynb")):
+        cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+        for i, cell in enumerate(cells):
+            if cell["cell_type"] == "code":
+                out[f"{notebook.name} cell {i}"] = "".join(cell["source"])
+    return out
+
+
+def test_no_six_line_block_is_repeated():
+    """The same six code lines in two places are one function waiting to be written."""
+    seen, repeated = {}, []
+    for where, text in _sources().items():
+        lines = _code_lines(text)
+        for i in range(len(lines) - 5):
+            block = tuple(line for _, line in lines[i:i + 6])
+            place = f"{where}:{lines[i][0]}"
+            if block in seen:
+                repeated.append((seen[block], place))
+            seen.setdefault(block, place)
+    assert repeated == []
 
 
 def test_modules_are_small():

@@ -13,14 +13,18 @@ import pytest
 
 from compactnlu.cachekeys import ARTIFACTS, artifact_dir, artifact_key
 from compactnlu.config import Profile, load_profile
+from compactnlu.quant import quantized_dir
 
 EVERYTHING = {"data", "tokenizer", "features", "classic", "encoder", "baseline", "teacher", "teacher_outputs",
-              "student", "ptq", "bench"}
+              "student", "ptq", "pcptq", "onnx", "variants", "predictions", "bench"}
 AFTER_DATA = EVERYTHING - {"data"}  # the tokenizer is trained on the composed training text
 AFTER_TOKENIZER = AFTER_DATA - {"tokenizer"}  # everything reads the tokenized features
-# what starts from the encoder; the teachers' cached outputs are keyed by the teachers' weights instead
-ENCODER_ON = {"encoder", "baseline", "teacher", "student", "ptq", "bench"}
-TASK_MODELS_ON = {"baseline", "teacher", "student", "ptq", "bench"}  # the student learns from the teachers
+# the registry of variants, their predictions and the benchmark change with any variant
+OF_ANY_VARIANT = {"variants", "predictions", "bench"}
+# What starts from the encoder. The teachers' cached outputs are keyed by the teachers' weights
+# instead, and a quantized model or export by its fp32 model's folder name (test below).
+ENCODER_ON = {"encoder", "baseline", "teacher", "student"} | OF_ANY_VARIANT
+TASK_MODELS_ON = {"baseline", "teacher", "student"} | OF_ANY_VARIANT  # the student learns from the teachers
 NOTHING: set[str] = set()
 
 # field -> (another valid value, the artifacts whose key must change) on the default profile (no MLM phase)
@@ -48,18 +52,18 @@ EXPECTED = {
     "mlm_epochs": (1.0, ENCODER_ON),  # 0 -> 1 turns the MLM phase on
     "mlm_learning_rate": (2e-3, NOTHING),  # no MLM phase on this profile
     "mlm_batch_size": (32, NOTHING),
-    "epochs": (3.0, {"baseline", "ptq", "bench"}),  # teachers and student have budgets of their own
-    "teacher_epochs": (3.0, {"teacher", "student", "ptq", "bench"}),
+    "epochs": (3.0, {"baseline"} | OF_ANY_VARIANT),  # teachers and student have budgets of their own
+    "teacher_epochs": (3.0, {"teacher", "student"} | OF_ANY_VARIANT),
     "learning_rate": (1e-3, TASK_MODELS_ON),  # the student's own is kd_learning_rate; its teachers use this
     "batch_size": (16, TASK_MODELS_ON),
     "warmup_ratio": (0.0, TASK_MODELS_ON),
     "weight_decay": (0.0, TASK_MODELS_ON),
     "train_seed": (7, ENCODER_ON),
     "train_seeds": (5, NOTHING),  # how many replicates; each replicate sets train_seed
-    "kd_epochs": (3.0, {"student", "ptq", "bench"}),
-    "kd_learning_rate": (1e-3, {"student", "ptq", "bench"}),
-    "pcptq_lambdas": ((0.0,), {"ptq", "bench"}),
-    "pcptq_steps": (10, {"ptq", "bench"}),
+    "kd_epochs": (3.0, {"student"} | OF_ANY_VARIANT),
+    "kd_learning_rate": (1e-3, {"student"} | OF_ANY_VARIANT),
+    "pcptq_lambdas": ((0.0,), NOTHING),  # which searches run; each λ is in its own key
+    "pcptq_steps": (10, {"pcptq"} | OF_ANY_VARIANT),
     "bench_repeats": (9, {"bench"}),
 }
 
@@ -96,6 +100,20 @@ def test_mlm_fields_shape_the_encoder_when_there_is_an_mlm_phase(field, value):
     # a pretrained model_name has no MLM phase, whatever mlm_epochs says
     pretrained = dataclasses.replace(smoke, model_name="xlm-roberta-base")
     assert changed(pretrained, dataclasses.replace(pretrained, **{field: value})) == NOTHING
+
+
+def test_a_quantized_model_follows_its_own_fp32_model_only(monkeypatch, tmp_path):
+    """The student's settings move the student's PTQ folders, never the baseline's, and back."""
+    monkeypatch.setenv("COMPACTNLU_ARTIFACTS", str(tmp_path))
+    base = load_profile("default")
+    other = dataclasses.replace(base, kd_epochs=3.0)
+    baseline = artifact_dir(base, "baseline", "baseline")
+    assert artifact_dir(other, "baseline", "baseline") == baseline
+    assert quantized_dir(base, "baseline_static", baseline, {"n_batches": 8}) == \
+        quantized_dir(other, "baseline_static", baseline, {"n_batches": 8})
+    student, moved = artifact_dir(base, "student", "kd"), artifact_dir(other, "student", "kd")
+    assert student != moved
+    assert quantized_dir(base, "kd_static", student) != quantized_dir(other, "kd_static", moved)
 
 
 def test_the_same_folder_however_it_is_spelled(monkeypatch, tmp_path):

@@ -26,7 +26,7 @@ from compactnlu.quant import apply_policy, load_quantized, precision_groups, qua
 from compactnlu.quant import save_quantized
 from compactnlu.quant.quantizer import quantize_symmetric
 from compactnlu.train import checkpoint_problem, last_good_checkpoint, train_model
-from test_quant import make_batches, make_model
+from quant_helpers import make_batches, make_model
 from test_train import STEPS, artifacts, counting_trainer, data, profile  # noqa: F401 (fixtures)
 
 # The tiny models' label space: 4 intents, 3 domains, tags O B-a I-a B-b I-b.

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +198,62 @@ def test_11_paper_scale():
     assert met["kd_pcptq size vs fp32"] is True
     sizes = {row["variant"]: row["size_mb"] for row in r["table"] if not math.isnan(row["size_mb"])}
     assert sizes["fp32"] == max(sizes.values()) and r["n_parameters"] > 0
+
+
+# ---------------------------------------------------------------- the smoke run's numbers, pinned
+# Floors catch a broken pipeline; these catch a drift. tests/smoke_pinned.json holds the values of
+# one smoke run (AMD EPYC, AVX-512 + VNNI); smoke is deterministic on one machine, and on another
+# CPU float sums in another order may flip a few of the 180 test decisions (0.05 = 9 of them).
+# Per-locale rows (30 examples each) and timings are left out. After an intended change:
+# `python tests/test_notebook_results.py --pin` rewrites the file from runs/smoke/records/.
+PINNED = Path(__file__).with_name("smoke_pinned.json")
+METRIC_TOLERANCE = 0.05
+METRICS = {"id_acc", "dc_acc", "sf_f1", "id_f1", "dc_f1", "sf_acc", "intent_acc", "slot_span_f1",
+           "massive_intent_acc", "massive_slot_span_f1", "dev_id_acc", "dev_sf_f1"}
+COUNTS = {"n_records", "n_intents", "n_domains", "n_slot_types", "train", "dev", "test", "test_single",
+          "n_seeds", "n_parameters"}
+PINNED_NOTEBOOKS = ("01_data", "02_baseline", "03_teachers", "04_distillation", "05_static_ptq",
+                    "06_dynamic_ptq", "08_benchmark", "11_paper_scale")
+
+
+def pinned_values(records: dict[str, dict]) -> dict[str, float]:
+    """``notebook/path/to/key`` -> value for the metrics and counts of ``records`` (no per-locale rows)."""
+    out = {}
+
+    def walk(value, path):
+        if isinstance(value, dict):
+            if "locale" in value:
+                return
+            for key, inner in value.items():
+                walk(inner, f"{path}/{key}")
+        elif isinstance(value, list):
+            for i, inner in enumerate(value):
+                name = next((inner[k] for k in ("variant", "model", "bar") if isinstance(inner, dict) and k in inner), i)
+                walk(inner, f"{path}/{name}")
+        elif path.rpartition("/")[2] in METRICS | COUNTS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[path] = value
+    for notebook, content in records.items():
+        walk(content, notebook)
+    return out
+
+
+def test_smoke_numbers_stay_near_the_pinned_run():
+    pinned = json.loads(PINNED.read_text(encoding="utf-8"))
+    now = pinned_values({n: record(n) for n in PINNED_NOTEBOOKS})
+    assert set(now) == set(pinned), "the recorded numbers changed shape; re-pin after an intended change"
+    drift = {k: (pinned[k], v) for k, v in now.items() if
+             (abs(v - pinned[k]) > METRIC_TOLERANCE if k.rpartition("/")[2] in METRICS else v != pinned[k])
+             and not (math.isnan(v) and math.isnan(pinned[k]))}
+    assert drift == {}
+
+
+def test_the_pin_sees_a_drift():
+    fake = {"02_baseline": {"composed": {"id_acc": 0.5, "n_seeds": 2}, "by": [{"locale": "hi-IN", "id_acc": 0.1}]}}
+    assert pinned_values(fake) == {"02_baseline/composed/id_acc": 0.5, "02_baseline/composed/n_seeds": 2}
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--pin"]:
+    values = pinned_values({n: json.loads((records_dir(SMOKE) / f"{n}.json").read_text(encoding="utf-8"))
+                            for n in PINNED_NOTEBOOKS})
+    PINNED.write_text(json.dumps(values, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"pinned {len(values)} values in {PINNED}")

@@ -24,7 +24,7 @@ from compactnlu.quant import (DETAILS_FILE, FORMAT_VERSION, METHODS, Quantizatio
 from compactnlu.quant import registry
 from compactnlu.quant.method import skeleton, write_config
 from compactnlu.quant.stored import PrecisionLinear
-from test_quant import make_batches, make_model
+from quant_helpers import make_batches, make_model
 
 QUANT_DIR = Path(compactnlu.__file__).parent / "quant"
 

@@ -11,7 +11,8 @@ import pytest
 
 from compactnlu import variants
 from compactnlu.artifacts import upsert_rows
-from compactnlu.config import ROOT
+from compactnlu.config import ROOT, load_profile
+from compactnlu.quant import METHODS
 from compactnlu.evaluation import evaluate_variant
 from compactnlu.study import bars, dynamic_quantizer, holds, ptq_stage
 from compactnlu.train import TEACHERS, train_model
@@ -110,3 +111,14 @@ def test_ptq_stage_registers_evaluates_and_tabulates(profile, data):  # noqa: F8
     assert set(single[single.variant == "baseline_dynamic"].locale) >= {"all"}
     loaded = variants.load(profile, "baseline_dynamic")  # what was registered loads back by name
     assert loaded.tasks == trained.model.tasks
+
+
+def test_every_quantized_variant_names_a_registered_method():
+    quantized = {v.method for v in variants.VARIANTS} - {"fp32", "classic"}
+    assert quantized and quantized <= set(METHODS)
+
+
+def test_the_classic_reference_is_named_as_not_loadable(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPACTNLU_ARTIFACTS", str(tmp_path))
+    with pytest.raises(KeyError, match="not loadable by name"):
+        variants.folder_of(load_profile("smoke"), "classic")

@@ -38,9 +38,18 @@ ARTIFACTS: dict[str, Artifact] = {
     # every training seed's student shares the one teachers' cache
     "teacher_outputs": Artifact("teacher_cache", ("features",)),
     "student": Artifact("models", ("encoder", "teacher")),
-    # every quantized model, of either fp32 model (its folder name goes in the details)
-    "ptq": Artifact("quantized", ("baseline", "student")),
-    "bench": Artifact(None, ("ptq",)),
+    # A quantized model (static, dynamic, a fixed policy): its fp32 model enters through that
+    # model's folder name (``source`` in the details), so a baseline's variants do not change
+    # with the student's settings, nor the student's with the baseline's.
+    "ptq": Artifact("quantized", ("features",)),
+    # Algorithm 1's searches (also keyed by their fp32 model's folder name and their λ)
+    "pcptq": Artifact("quantized", ("ptq",)),
+    # ONNX exports of an fp32 model (same ``source`` rule)
+    "onnx": Artifact("onnx", ("features",)),
+    # the registry of every variant by name, and each variant's saved predictions
+    "variants": Artifact("variants", ("classic", "baseline", "student", "ptq", "pcptq", "onnx")),
+    "predictions": Artifact("predictions", ("variants",)),
+    "bench": Artifact(None, ("variants",)),
 }
 
 

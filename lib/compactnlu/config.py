@@ -99,8 +99,9 @@ class Profile:
     kd_epochs: float = shaping("student", default=2.0)
     kd_learning_rate: float = shaping("student", default=1.5e-3)
     # precision-controlled PTQ (notebook 07): the λ sweep and the length of each search
-    pcptq_lambdas: tuple[float, ...] = shaping("ptq", default=(0.0, 0.25, 1.0, 4.0))
-    pcptq_steps: int = shaping("ptq", default=150)
+    # which searches run; each search's λ is in its own key, so adding a λ re-runs no other
+    pcptq_lambdas: tuple[float, ...] = shaping(default=(0.0, 0.25, 1.0, 4.0))
+    pcptq_steps: int = shaping("pcptq", default=150)
     # benchmark (notebook 08)
     bench_repeats: int = shaping("bench", default=5)  # timed passes over the test set per variant
 

@@ -52,6 +52,7 @@ from .artifacts import read_json, read_safetensors
 from .cachekeys import artifact_dir
 from .config import uses_mlm
 from .features import IGNORE
+from .interface import NLUOutput
 from .model import MultiTaskNLU
 from .pretrain import pretrain_encoder
 from .kd_losses import (TeacherFusion, adaptive_temperature, contrastive_loss, fuse, multilabel_confidence,
@@ -63,6 +64,15 @@ from .trainer import fit_and_save, training_arguments
 # Which teachers know each task.
 TASK_TEACHERS = {"id": ("teacher_idsf", "teacher_iddc"), "dc": ("teacher_iddc", "teacher_dcsf"),
                  "sf": ("teacher_idsf", "teacher_dcsf")}
+
+
+@dataclass
+class DistillOutput(NLUOutput):
+    """The student's outputs plus what distillation adds: each loss term (``terms``) and the
+    fusion's weight of each teacher per task (``fusion_weights``, for notebook 04's figure)."""
+
+    terms: dict[str, torch.Tensor] | None = None
+    fusion_weights: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -154,8 +164,11 @@ class Distiller(nn.Module):
                  + c.gamma * w["sf"] * (terms["ce_sf"] + terms.get("kd_sf", 0) + terms.get("mse_sf", 0)
                                         + terms.get("crd_sf", 0))
                  + terms.get("fusion", 0))  # touches only the fusion's parameters
-        out["loss"], out["terms"], out["fusion_weights"] = total, terms, weights
-        return out
+        result = DistillOutput()
+        for key, value in out.items():  # the student's outputs, in the order the Trainer reads them
+            result[key] = value
+        result["loss"], result["terms"], result["fusion_weights"] = total, terms, weights
+        return result
 
 
 # ---------------------------------------------------------------- batches and training

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from .artifacts import read_json, write_json
+from .cachekeys import artifact_dir
 from .config import Profile
 from .features import StudyData
 from .metrics import by_locale, load_predictions, massive_metrics, save_predictions, predict
@@ -40,7 +41,7 @@ class Evaluation:
 
 
 def predictions_dir(profile: Profile, variant: str) -> Path:
-    return profile.artifacts_dir / "predictions" / profile.result_key / variant
+    return artifact_dir(profile, "predictions", "") / variant
 
 
 NO_SINGLE = pd.DataFrame(columns=["locale", "intent_acc", "slot_span_f1", "exact_match"])

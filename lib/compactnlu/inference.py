@@ -24,7 +24,7 @@ def _model(profile: Profile, variant: str):
 
 def spans(words: list[str], tags: list[str]) -> list[dict]:
     """BIO tags to slot spans ``{"slot", "text"}``, read one slot label per word as MASSIVE's
-    official scoring reads them (``metrics.one_label_per_word``): a run of one slot type is one
+    official scoring reads them (``compose.one_label_per_word``): a run of one slot type is one
     span, and an ``I-`` that continues nothing opens a span."""
     out: list[dict] = []
     current = None

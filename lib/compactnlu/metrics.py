@@ -89,8 +89,6 @@ def predict(model: NLUModel, dataset, collator, labels: LabelSpace, batch_size: 
     return df
 
 
-
-
 def _set_metrics(gold, pred, names) -> tuple[float, float, float]:
     y_true, y_pred = multi_hot(gold, names), multi_hot(pred, names)
     exact = float((y_true == y_pred).all(1).mean())

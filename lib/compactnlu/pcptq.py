@@ -21,7 +21,7 @@ from .artifacts import atomic_write, read_json, write_json
 from .bench import artifact_size_mb
 from .distill import DistillCollator, DistillConfig, Distiller, attach_rows, teacher_hidden_size
 from .metrics import METRIC_COLUMNS, predict, task_metrics
-from .quant import load_quantized, quantized_dir, save_quantized
+from .quant import load_quantized, quantized_dir, read_details, save_quantized
 from .quant.precision import export_policy
 from .quant.search import SearchConfig, model_bytes, search_policy, sensitivity_only_policy, uniform_policy
 from .train import collator_for
@@ -89,7 +89,7 @@ def sensitivity_only(model: nn.Module, data, cache: dict, config: SearchConfig) 
 
 
 def _saved(folder: Path) -> tuple[dict, pd.DataFrame | None]:
-    details = read_json(folder / "quantization.json")
+    details = read_details(folder)
     history = folder / "search_history.csv"
     return details, (pd.read_csv(history) if history.exists() else None)
 
@@ -97,7 +97,7 @@ def _saved(folder: Path) -> tuple[dict, pd.DataFrame | None]:
 def searched(profile, data, cache, name: str, trained, config: SearchConfig) -> Candidate:
     """Algorithm 1 on ``trained.model`` at ``config.lam`` (loaded when already done)."""
     details = {**config.details(), "source": Path(trained.path).name}
-    folder = quantized_dir(profile, f"{name}_pcptq", details)
+    folder = quantized_dir(profile, f"{name}_pcptq", trained.path, details, artifact="pcptq")
     label = f"lambda={config.lam:g}"
     if not folder.exists():
         result = search(trained.model, data, cache, config, desc=f"{name} {label}")
@@ -112,7 +112,7 @@ def fixed(profile, name: str, trained, policy_name: str, policy: dict[str, int],
     """A policy applied to the trained weights as they are (no search, no fine-tuning)."""
     details = {"policy": policy, "per_channel": config.per_channel, "per_layer": config.per_layer,
                "embedding": config.embedding, "source": Path(trained.path).name}
-    folder = quantized_dir(profile, f"{name}_{policy_name}", details)
+    folder = quantized_dir(profile, f"{name}_{policy_name}", trained.path, details)
     if not folder.exists():
         quantized = export_policy(trained.model, policy, config.per_layer, config.embedding, config.per_channel)
         save_quantized(quantized, folder, "precision", details)

@@ -56,14 +56,14 @@ def static_quantizer(profile: Profile, data: StudyData, n_batches: int) -> Quant
     def quantize(variant, trained):
         quantized, used = static_ptq(profile, data, trained.model, n_batches)
         details = {"n_batches": used}
-        return quantized, save_quantized(quantized, quantized_dir(profile, variant, details), "static", details)
+        return quantized, save_quantized(quantized, quantized_dir(profile, variant, trained.path, details), "static", details)
     return quantize
 
 
 def dynamic_quantizer(profile: Profile) -> Quantizer:
     def quantize(variant, trained):
         quantized = quantize_dynamic(trained.model)
-        return quantized, save_quantized(quantized, quantized_dir(profile, variant, {}), "dynamic")
+        return quantized, save_quantized(quantized, quantized_dir(profile, variant, trained.path), "dynamic")
     return quantize
 
 

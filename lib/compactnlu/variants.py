@@ -18,9 +18,10 @@ import pandas as pd
 
 from . import artifacts
 from .artifacts import read_json, write_json
+from .cachekeys import artifact_dir
 from .config import Profile
 from .model import MultiTaskNLU
-from .quant import DETAILS_FILE, load_quantized
+from .quant import load_quantized
 from .quant.fast import to_fast
 
 
@@ -29,7 +30,7 @@ class Variant:
     name: str
     model: str  # the trained model whose weights it holds (itself for a trained model)
     derived_from: str | None  # the variant it is made from (None: trained)
-    method: str  # fp32, static, dynamic, precision, onnx_int8, onnx_nbits, classic
+    method: str  # fp32, classic, or the name a quantization method is registered under (quant.METHODS)
     runtime: str  # what runs it: torch, fast (integer kernels), onnx (ONNX Runtime), sklearn
     notebook: str  # the notebook that makes and registers it
     replicated: bool  # made once per training seed (notebooks 02, 04, 08); else seed 0 only
@@ -54,8 +55,8 @@ VARIANTS = (
     _v("kd_pcptq", "kd", "kd", "precision", "torch", "07"),
     _v("baseline_pcptq", "baseline", "baseline", "precision", "torch", "07"),
     _v("kd_pcptq_fast", "kd", "kd_pcptq", "precision", "fast", "07", replicated=False),
-    _v("kd_pcptq_onnx", "kd", "kd_pcptq", "onnx_nbits", "onnx", "08", replicated=False),
-    _v("kd_onnx_int8", "kd", "kd", "onnx_int8", "onnx", "08", replicated=False),
+    _v("kd_pcptq_onnx", "kd", "kd_pcptq", "onnx_matmulnbits", "onnx", "08", replicated=False),
+    _v("kd_onnx_int8", "kd", "kd", "onnxruntime_dynamic", "onnx", "08", replicated=False),
     _v("classic", "classic", None, "classic", "sklearn", "02", replicated=False, benchmarked=False),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
@@ -117,7 +118,7 @@ def upsert_rows(path: Path | str, rows: pd.DataFrame, key: list[str]) -> pd.Data
 
 
 def _registry(profile: Profile) -> Path:
-    return profile.artifacts_dir / "variants" / f"{profile.result_key}.json"
+    return artifact_dir(profile, "variants", "").with_suffix(".json")
 
 
 def register(profile: Profile, name: str, folder: Path | str, runtime: str | None = None) -> None:
@@ -140,6 +141,9 @@ def registered(profile: Profile) -> dict[str, dict]:
 
 def folder_of(profile: Profile, name: str) -> Path:
     entry = registered(profile).get(name)
+    if name in BY_NAME and BY_NAME[name].runtime not in RUNTIMES:
+        raise KeyError(f"variant {name!r} runs on {BY_NAME[name].runtime}, not loadable by name; "
+                       f"see compactnlu.{BY_NAME[name].method}")
     if entry is None:
         step = BY_NAME[name].notebook if name in BY_NAME else None
         hint = f"run notebook {step} first" if step else "no notebook makes it"
@@ -148,12 +152,12 @@ def folder_of(profile: Profile, name: str) -> Path:
 
 
 def load(profile: Profile, variant: str):
-    """The variant's model, ready for ``compactnlu.metrics.predict`` and the benchmark: a
-    quantized artifact as its recorded method loads it (``quant.load_quantized``), a folder
-    without ``quantization.json`` as the fp32 ``MultiTaskNLU``; runtime "fast" puts a
+    """The variant's model, ready for ``compactnlu.metrics.predict`` and the benchmark: an fp32
+    variant (the table's method) as ``MultiTaskNLU``, any other as the method recorded in its
+    ``quantization.json`` loads it (``quant.load_quantized``); runtime "fast" puts a
     precision-controlled model on fast kernels."""
     folder = folder_of(profile, variant)
-    if not (folder / DETAILS_FILE).exists():
+    if lookup(variant).method == "fp32":
         return MultiTaskNLU.load(folder)
     model = load_quantized(folder)
     return to_fast(model) if registered(profile)[variant]["runtime"] == "fast" else model

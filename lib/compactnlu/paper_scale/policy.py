@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from .. import variants
-from ..artifacts import read_json
 from ..model import MultiTaskNLU
-from ..quant import precision_groups
+from ..quant import precision_groups, read_details
 
 # When notebook 07 has not registered ``kd_pcptq`` (tests, or 07 not run): the policy the
 # default profile's run selected (figures/pcptq_policies.png, "sensitivity"), as 2 layers.
@@ -37,7 +36,7 @@ def study_policy(profile) -> StudyPolicy:
     when that variant is not registered for ``profile``."""
     try:
         folder = variants.folder_of(profile, "kd_pcptq")
-        details = read_json(folder / "quantization.json")
+        details = read_details(folder)
     except (KeyError, FileNotFoundError):
         return StudyPolicy(dict(DEFAULT_POLICY), per_layer=True, embedding=True, per_channel=True,
                            source=DEFAULT_POLICY_SOURCE)

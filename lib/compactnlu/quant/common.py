@@ -131,6 +131,9 @@ def calibration_batches(data, collator, batch_size: int, seed: int):
         yield collator([train[int(i)] for i in order[start:start + batch_size]])
 
 
-def quantized_dir(profile, variant: str, details: dict) -> Path:
-    """``artifacts/quantized/<variant>-<key>``: keyed by the profile and the method's settings."""
-    return artifact_dir(profile, "ptq", variant, details)
+def quantized_dir(profile, variant: str, source: Path | str, details: dict | None = None,
+                  artifact: str = "ptq") -> Path:
+    """``artifacts/quantized/<variant>-<key>``: keyed by the profile fields that shape ``artifact``,
+    the fp32 model's folder ``source`` (its name carries that model's own key) and the method's
+    settings ``details``."""
+    return artifact_dir(profile, artifact, variant, {**(details or {}), "source": Path(source).name})

@@ -10,6 +10,7 @@ Loading reads the recorded method and dispatches to its handler (``registry.load
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..artifacts import RERUN, atomic_dir, read_json, with_checksums, write_json
@@ -77,5 +78,4 @@ def write_config(model: MultiTaskNLU, tmp: Path) -> None:
 
 def skeleton(config: NLUConfig) -> MultiTaskNLU:
     """A float model of ``config``'s shape to load quantized weights into (no pretrained download)."""
-    config.pretrained = None
-    return MultiTaskNLU(config).eval()
+    return MultiTaskNLU(dataclasses.replace(config, pretrained=None)).eval()

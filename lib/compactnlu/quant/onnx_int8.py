@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from ..cpu import assumed_no_vnni, cpu_model, has_vnni, isa_flags
-from ..model import NLUConfig, assert_finite
-from ..onnx_runtime import CRF_FILE, ONNX_FILE, OnnxNLU, copy_sidecars
-from .method import QuantizationMethod, save_artifact
+from ..model import assert_finite
+from ..onnx_runtime import ONNX_FILE, copy_sidecars
+from .method import save_artifact
+from .onnx_method import OnnxMethod
 
 # The quantization settings, stated once (and written to quantization.json).
 #  - QInt8 weights (symmetric, signed): ORT's default and what its docs recommend for
@@ -69,17 +70,6 @@ def _quantized_ops(path: Path) -> dict[str, int]:
         if node.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear", "ConvInteger"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
-
-
-class OnnxMethod(QuantizationMethod):
-    """What the ONNX methods share: the graph and the CRF are the checked files, and an
-    ``OnnxNLU`` (an ONNX Runtime session) is what runs."""
-
-    def weight_files(self, config: NLUConfig) -> list[str]:
-        return [ONNX_FILE] + ([CRF_FILE] if "sf" in config.tasks else [])
-
-    def load(self, folder: Path, config: NLUConfig, details: dict) -> OnnxNLU:
-        return OnnxNLU.load(folder)
 
 
 def quantize_onnx_dynamic(src_folder: Path | str, dst_folder: Path | str,

@@ -80,7 +80,7 @@ from ..onnx_runtime import LOGITS, ONNX_FILE, PROTOBUF_LIMIT, copy_sidecars, exp
 from .groups import precision_groups
 from .method import save_artifact
 from .nbits_graph import NBITS, rewrite_graph, set_ms_opset
-from .onnx_int8 import OnnxMethod
+from .onnx_method import OnnxMethod
 from .quantizer import qmax
 from .stored import PrecisionEmbedding, PrecisionLinear, StoredWeight, stored_layers
 

@@ -55,7 +55,7 @@ EXPECTED = {
     "epochs": (3.0, {"baseline"} | OF_ANY_VARIANT),  # teachers and student have budgets of their own
     "teacher_epochs": (3.0, {"teacher", "student"} | OF_ANY_VARIANT),
     "learning_rate": (1e-3, TASK_MODELS_ON),  # the student's own is kd_learning_rate; its teachers use this
-    "batch_size": (16, TASK_MODELS_ON),
+    "batch_size": (16, TASK_MODELS_ON | {"ptq", "pcptq"}),  # static PTQ calibrates on batches of this size
     "warmup_ratio": (0.0, TASK_MODELS_ON),
     "weight_decay": (0.0, TASK_MODELS_ON),
     "train_seed": (7, ENCODER_ON),

@@ -14,7 +14,7 @@ import torch
 from compactnlu import paper, paper_scale as ps, variants
 from compactnlu.config import load_profile
 from compactnlu.paper_scale.build import fp32_build
-from compactnlu.quant import precision_groups
+from compactnlu.quant import FORMAT_VERSION, precision_groups
 
 TINY = ps.Shape(vocab_size=1000, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=64)
 VARIANTS = ["fp32", "static", "dynamic", "kd_pcptq", "kd_pcptq_fast", "kd_pcptq_nbits", "uniform8", "uniform8_fast",
@@ -75,7 +75,7 @@ def test_the_registered_kd_pcptq_policy_is_read(profile, tmp_path):
     folder.mkdir()
     policy = {"layer0.attention": 8, "layer0.mlp": 4, "head.id": 16, "head.dc": 16, "head.sf": 8, "embedding": 4}
     (folder / "quantization.json").write_text(json.dumps(
-        {"method": "precision", "policy": policy, "per_layer": True, "embedding": True, "per_channel": True}))
+        {"format_version": FORMAT_VERSION, "method": "precision", "policy": policy, "per_layer": True, "embedding": True, "per_channel": True}))
     variants.register(profile, "kd_pcptq", folder)
     chosen = ps.study_policy(profile)
     assert chosen.policy == policy and "notebook 07" in chosen.source

@@ -214,8 +214,10 @@ class OnnxNLU:
     @property
     def spinning(self) -> bool:
         """Whether ORT's idle workers spin between runs (``load`` turns it off)."""
-        entries = self.session.get_session_options()
-        return not entries.has_session_config_entry(SPINNING) or entries.get_session_config_entry(SPINNING) != "0"
+        try:
+            return self.session.get_session_options().get_session_config_entry(SPINNING) != "0"
+        except Exception:  # unset: ORT's default, which spins (its pybind error has no narrower type)
+            return True
 
     def eval(self) -> "OnnxNLU":
         return self

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from compactnlu.model import FORBIDDEN, BIOCRF, bio_transition_mask, pack_words
+from compactnlu.model import FORBIDDEN, BIOCRF, bio_transition_mask, pack_words, viterbi_order
 
 TAGS3 = ("O", "B-a", "I-a")
 TAGS5 = ("O", "B-a", "I-a", "B-b", "I-b")
@@ -211,7 +211,7 @@ def test_decode_is_the_best_bio_path_by_enumeration(seed):
 
 @pytest.mark.parametrize("batch,width,seed", [(1, 1, 0), (7, 1, 1), (33, 6, 2), (64, 17, 3), (5, 40, 4)])
 def test_decode_equals_the_row_by_row_decoder(batch, width, seed):
-    tags = ("O",) + tuple(f"{p}-{s}" for s in ("a", "b", "c", "date", "date_time") for p in ("B", "I"))
+    tags = TAGS11
     crf = random_crf(tags, 70 + seed, scale=3.0)
     g = torch.Generator().manual_seed(70 + seed)
     lengths = torch.randint(0, width + 1, (batch,), generator=g)
@@ -227,17 +227,29 @@ def test_decode_equals_the_row_by_row_decoder(batch, width, seed):
     assert paths == reference_decode(crf, emissions, mask)
 
 
+TAGS11 = ("O",) + tuple(f"{p}-{s}" for s in ("a", "b", "c", "date", "date_time") for p in ("B", "I"))
+
+
+@pytest.mark.parametrize("tags", [TAGS5, TAGS11])
 @pytest.mark.parametrize("seed", range(3))
-def test_decode_breaks_ties_like_the_row_by_row_decoder(seed):
+def test_decode_breaks_ties_like_the_row_by_row_decoder(tags, seed):
     """Whole-number scores tie often; both decoders must take the first best tag."""
-    crf = BIOCRF(TAGS5)
+    crf = BIOCRF(tags)
     g = torch.Generator().manual_seed(80 + seed)
     with torch.no_grad():
         crf.transitions.copy_(torch.randint(-1, 2, crf.transitions.shape, generator=g).float())
     lengths = torch.randint(1, 7, (50,), generator=g).tolist()
-    emissions = torch.randint(0, 3, (50, 6, len(TAGS5)), generator=g).float()
+    emissions = torch.randint(0, 3, (50, 6, len(tags)), generator=g).float()
     mask = lengths_to_mask(lengths, 6)
     assert crf.decode(emissions, mask) == reference_decode(crf, emissions, mask)
+
+
+def test_viterbi_order_puts_each_i_n_places_after_its_b():
+    order = viterbi_order(TAGS11)
+    tags = [TAGS11[j] for j in order]
+    assert sorted(order.tolist()) == list(range(len(TAGS11)))
+    assert tags[0] == "O" and all(t.startswith("B-") for t in tags[1:6])
+    assert [t[2:] for t in tags[6:]] == [t[2:] for t in tags[1:6]] and all(t.startswith("I-") for t in tags[6:])
 
 
 def test_decode_row_does_not_depend_on_its_padding():

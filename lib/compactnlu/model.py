@@ -138,6 +138,14 @@ def bio_transition_mask(tags: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tens
     return allowed, start
 
 
+def viterbi_order(tags: tuple[str, ...]) -> torch.Tensor:
+    """The tag order ``BIOCRF.decode`` computes in: O, then every B-x, then every I-x in the
+    same order as its B-x, so that each I-x sits ``n`` places after its B-x (``n`` slot types)."""
+    begins = [j for j, tag in enumerate(tags) if tag.startswith("B-")]
+    inside = {tag[2:]: j for j, tag in enumerate(tags) if tag.startswith("I-")}
+    return torch.tensor([tags.index("O")] + begins + [inside[tags[j][2:]] for j in begins], dtype=torch.long)
+
+
 class BIOCRF(nn.Module):
     """A linear-chain CRF over BIO tags; transitions that break BIO (``bio_transition_mask``)
     are fixed at -1e4.
@@ -155,6 +163,7 @@ class BIOCRF(nn.Module):
         allowed, start = bio_transition_mask(tags)
         self.register_buffer("transition_penalty", (~allowed).float() * FORBIDDEN, persistent=False)
         self.register_buffer("start_penalty", (~start).float() * FORBIDDEN, persistent=False)
+        self.register_buffer("viterbi_order", viterbi_order(tags), persistent=False)
 
     def _scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transitions + self.transition_penalty, self.start_transitions + self.start_penalty
@@ -187,25 +196,38 @@ class BIOCRF(nn.Module):
         """Viterbi: the best tag sequence of each row, as many tags as the row has words.
 
         The forward pass keeps only the best score of each tag at each word, ``[B, W, T]``: the
-        indices of a max over ``[B, T, T]`` cost as much again as its values. The backtrace
-        recovers each row's best previous tag from those scores, one ``[B, T]`` argmax per word
-        over the very sums the forward pass compared, so it picks the same tag (the first best).
+        indices of a max over ``[B, T, T]`` cost as much again as its values. BIO makes half the
+        tags cheap: an I-x follows only B-x or I-x (``bio_transition_mask``), so its best score is
+        the larger of two sums, and only O and the B-x take a max over every tag, over the last,
+        contiguous axis. In ``viterbi_order`` those two predecessors are two slices. The
+        backtrace recovers each row's best previous tag from those scores, one ``[B, T]`` argmax
+        per word over every tag in the tags' own order, so it picks the same tag as a full max
+        would (the first best).
         """
         trans, start = self._scores()
         emissions = emissions.float()
         batch, width, n_tags = emissions.shape
+        order = self.viterbi_order
+        n = (n_tags - 1) // 2  # slot types: O, then n B-x, then n I-x
+        moves = trans[order][:, order]
+        into_dense = moves[:, :n + 1].t().contiguous()  # [1 + n, T]: every move into O and each B-x
+        from_begin, from_inside = moves[1:n + 1, n + 1:].diagonal(), moves[n + 1:, n + 1:].diagonal()
+        ordered = emissions.index_select(2, order)
         scores = torch.empty(batch, width, n_tags, dtype=emissions.dtype, device=emissions.device)
-        scores[:, 0] = start + emissions[:, 0]
+        scores[:, 0] = start[order] + ordered[:, 0]
         for t in range(1, width):
-            best = (scores[:, t - 1].unsqueeze(2) + trans.unsqueeze(0)).amax(dim=1)
+            before = scores[:, t - 1]
+            best = torch.cat(((before.unsqueeze(1) + into_dense).amax(2),
+                              torch.maximum(before[:, 1:n + 1] + from_begin, before[:, n + 1:] + from_inside)), dim=1)
             # past a row's end its scores stay as they were at its last word
-            scores[:, t] = torch.where(mask[:, t].unsqueeze(1), best + emissions[:, t], scores[:, t - 1])
+            scores[:, t] = torch.where(mask[:, t].unsqueeze(1), best + ordered[:, t], before)
+        scores = scores.index_select(2, torch.argsort(order))  # back to the tags' order for the backtrace
         into = trans.t().contiguous()  # into[j]: the score of every move into tag j
         path = torch.empty(batch, width, dtype=torch.long, device=emissions.device)
         path[:, -1] = (scores[:, -1] + self.end_transitions).argmax(1)
         for t in range(width - 1, 0, -1):
             tag = path[:, t]
-            before = (scores[:, t - 1] + into[tag]).argmax(1)
+            before = (scores[:, t - 1] + into.index_select(0, tag)).argmax(1)
             path[:, t - 1] = torch.where(mask[:, t], before, tag)  # past a row's end: its last tag
         # one transfer to Python for the whole batch, not one per word
         return [row[:n] for row, n in zip(path.tolist(), mask.sum(1).tolist())]

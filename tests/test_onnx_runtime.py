@@ -314,9 +314,10 @@ def test_session_threads(fp32_dir):
     assert OnnxNLU.load(fp32_dir).threads == torch.get_num_threads()
 
 
-def test_session_workers_do_not_spin_between_runs(fp32_dir):
-    # spinning workers would take the cores from the torch Viterbi that follows every run
+def test_session_workers_spin_only_when_asked(fp32_dir):
+    # by default, spinning workers would take the cores from the torch Viterbi that follows every run
     assert not OnnxNLU.load(fp32_dir, threads=2).spinning
+    assert OnnxNLU.load(fp32_dir, threads=2, spinning=True).spinning
 
 
 def test_loading_runs_no_pickle(fp32_dir, int8_dir, refuse_pickle):

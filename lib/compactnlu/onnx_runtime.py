@@ -14,7 +14,7 @@ The ORT int8 reference takes three steps, each a folder the study's size helper
     ORT's pre-processing then ``quantize_dynamic`` (int8 weights, 7-bit on CPUs without
     VNNI; activations quantized on the fly), plus ``quantization.json`` naming the choice
     and the CPU it was made for; config and CRF copied unchanged.
-``OnnxNLU.load(folder, threads=None)``
+``OnnxNLU.load(folder, threads=None, spinning=False)``
     An ``onnxruntime.InferenceSession`` behind the study's model interface, so
     ``compactnlu.metrics.predict`` evaluates it like any torch variant. The CRF's Viterbi
     stays in torch (``BIOCRF.decode``): it is the same decoding rule for every variant,
@@ -174,7 +174,17 @@ class OnnxNLU:
             raise ValueError("a slot-filling model needs its CRF")
 
     @classmethod
-    def load(cls, folder: Path | str, threads: int | None = None) -> "OnnxNLU":
+    def load(cls, folder: Path | str, threads: int | None = None, spinning: bool = False) -> "OnnxNLU":
+        """The session for ``folder``: ``threads`` intra-op threads (torch's count by default).
+
+        ``spinning``: whether ORT's idle workers busy-wait for work (ORT's default) or sleep.
+        Which is faster depends on the model's size, measured on 2 cores (AMD EPYC, AVX-512):
+        at the study's size, spinning workers keep the cores from the torch Viterbi that
+        follows every run (a pass of the composed test with ORT int8: 10.3 s spinning, 5.8 s
+        not; batch 1: 4.5 and 4.3 ms); at XLM-R-base's size a run is long and has hundreds of
+        parallel ops, and waking sleeping workers for each costs more (batch 1: 29 ms spinning,
+        51 ms not; batch 32: 0.31 and 0.32 s). Each caller passes the faster setting for its size.
+        """
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -184,10 +194,7 @@ class OnnxNLU:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ORT's idle workers spin for a while after each run by default, on the very cores where
-        # torch then runs the Viterbi decode: measured on 2 cores (AMD EPYC), a pass of the composed
-        # test with ORT int8 took 11.0 s spinning and 6.0 s not. Pass a model through without it.
-        options.add_session_config_entry(SPINNING, "0")
+        options.add_session_config_entry(SPINNING, "1" if spinning else "0")
         session = ort.InferenceSession(str(folder / ONNX_FILE), sess_options=options,
                                        providers=["CPUExecutionProvider"])
         crf = None

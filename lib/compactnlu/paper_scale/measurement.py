@@ -14,7 +14,7 @@ import torch
 
 from .. import bench, paper
 from ..cpu import cpu_model, has_vnni, isa_flags
-from .build import Variant, build_variants
+from .build import ORT_SPINNING, Variant, build_variants
 from .inputs import Inputs, make_inputs, median_tokens
 from .policy import StudyPolicy, study_policy
 from .shape import Settings, parameter_count, settings_for
@@ -100,7 +100,7 @@ def environment(settings: Settings, inputs: Inputs, chosen: StudyPolicy, n_param
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     items = {"cpu": cpu_model(), "isa": " ".join(isa_flags()), "vnni": has_vnni(), "cores": os.cpu_count(),
              "load_average_1_5_15_min": load, "torch_threads": settings.threads,
-             "ort_intra_op_threads": settings.threads, "torch": torch.__version__,
+             "ort_intra_op_threads": settings.threads, "ort_spinning": ORT_SPINNING, "torch": torch.__version__,
              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
              "quantized_engine": torch.backends.quantized.engine,
              "onnxruntime": onnxruntime.__version__, "shape": str(asdict(settings.shape)), "parameters": n_parameters,

@@ -71,6 +71,21 @@ def test_infer_runs_a_real_model_with_viterbi():
     assert answer.intents.any(1).all() and answer.domains.any(1).all()  # at least one label each, as scored
 
 
+def test_without_matmuls_keeps_every_output_shape_and_no_linear_layer():
+    torch.manual_seed(0)
+    model = MultiTaskNLU(NLUConfig(n_intents=4, n_domains=3, tags=("O", "B-a", "I-a"), encoder=dict(ENCODER))).eval()
+    floor = bench.without_matmuls(model)
+    assert not any(isinstance(m, torch.nn.Linear) for m in floor.modules())
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 9  # the original is untouched
+    ids = torch.randint(3, 50, (2, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "word_mask": torch.ones_like(ids).bool()}
+    real, free = bench.infer(model, batch), bench.infer(floor, batch)
+    assert free.intents.shape == real.intents.shape and free.domains.shape == real.domains.shape
+    assert [len(p) for p in free.slots] == [len(p) for p in real.slots] == [6, 6]
+    with torch.no_grad():
+        assert not floor(input_ids=ids, attention_mask=torch.ones_like(ids)).slot_logits.any()
+
+
 def test_relative_to_baseline_on_the_papers_table():
     rel = relative_to_baseline(TABLE2).set_index("variant")
     assert rel.size_vs_baseline["baseline"] == 1.0

@@ -10,6 +10,7 @@ so one variant's allocations cannot hide another's.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from .config import PROFILES, load_profile
 from .cpu import cpu_model, has_vnni, isa_flags
@@ -227,6 +229,31 @@ def onnx_int8_settings(folder: Path | str) -> dict:
 if __name__ == "__main__":
     name, overrides, variant, n, size, threads = sys.argv[1:7]
     print(json.dumps(_memory_probe(name, json.loads(overrides), variant, int(n), int(size), int(threads))))
+
+
+class ZeroLinear(nn.Module):
+    """A linear layer's output, as zeros of its shape: no multiply (``without_matmuls``)."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def without_matmuls(model: nn.Module) -> nn.Module:
+    """A copy of a float model whose every ``nn.Linear`` only writes zeros of its output shape.
+    Its pass costs what the model's pass costs outside its matrix multiplies (the attention's
+    own products, softmax, GELU, layer norms, embeddings, the decisions and Viterbi, whose costs
+    do not depend on the values): the floor that no faster matrix-multiply kernel, integer
+    or otherwise, can take a pass of this model below. Its outputs mean nothing."""
+    floor = copy.deepcopy(model).eval()
+    for name, module in list(floor.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            setattr(floor.get_submodule(parent) if parent else floor, attr, ZeroLinear(module.out_features))
+    return floor
 
 
 @torch.no_grad()

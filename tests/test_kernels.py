@@ -13,14 +13,15 @@ from collections import Counter
 
 import pytest
 import torch
+from torch import nn
 
 from compactnlu.artifacts import read_json
 from compactnlu.quant import kernels
-from compactnlu.quant.fast import (DequantizedLinear, FbgemmLinear, IntMatmulLinear, choose_kernels, kernel_summary,
-                                   quantize_input, to_fast)
+from compactnlu.quant.fast import (DequantizedLinear, FbgemmLinear, IntMatmulLinear, UnpackedEmbedding, choose_kernels,
+                                   kernel_summary, quantize_input, to_fast)
 from compactnlu.quant.kernels import fastest, kernel_works, measure
 from compactnlu.quant.quantizer import fake_quantize
-from compactnlu.quant.stored import PrecisionLinear
+from compactnlu.quant.stored import PrecisionEmbedding, PrecisionLinear
 
 ROWS = 64
 needs = {kernel: pytest.mark.skipif(not kernel_works(kernel), reason=f"{kernel} does not run on this torch/CPU")
@@ -337,3 +338,13 @@ def test_to_fast_on_a_tiny_model_gives_a_kernel_summary(tmp_path):
     with pytest.raises(ValueError):
         to_fast(model, "int3")
     assert kernel_summary(model) == {"paper": 4}  # the original is left as it is
+
+
+@pytest.mark.parametrize("bits,per_channel", [(4, True), (4, False), (8, True), (16, True)])
+def test_to_fast_unpacks_a_stored_embedding_to_the_same_numbers(bits, per_channel):
+    torch.manual_seed(3)
+    table = PrecisionEmbedding.from_embedding(nn.Embedding(13, 7, padding_idx=1), bits, per_channel)
+    fast = to_fast(nn.Sequential(table), "dequant")[0]
+    assert isinstance(fast, UnpackedEmbedding) and fast.table.dtype != torch.float32
+    ids = torch.tensor([[0, 12, 1, 5], [7, 7, 3, 2]])
+    assert torch.equal(fast(ids), table(ids))

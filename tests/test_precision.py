@@ -60,6 +60,13 @@ def test_int4_pack_unpack_round_trip_is_exact():
         pack_int4(torch.tensor([8], dtype=torch.int8))
 
 
+def test_every_byte_unpacks_to_the_two_nibbles_it_packs():
+    pairs = torch.tensor([(lo, hi) for hi in range(-8, 8) for lo in range(-8, 8)], dtype=torch.int8)
+    packed = pack_int4(pairs)
+    assert sorted(packed.tolist()) == list(range(256))
+    assert torch.equal(unpack_int4(packed, 512), pairs.reshape(-1))
+
+
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_quantize_dequantize_error_within_half_a_step(bits, per_channel):

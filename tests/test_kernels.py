@@ -17,8 +17,9 @@ from torch import nn
 
 from compactnlu.artifacts import read_json
 from compactnlu.quant import kernels
-from compactnlu.quant.fast import (DequantizedLinear, FbgemmLinear, IntMatmulLinear, UnpackedEmbedding, choose_kernels,
-                                   kernel_summary, quantize_input, to_fast)
+from compactnlu.quant import fast
+from compactnlu.quant.fast import (ByRowsLinear, DequantizedLinear, FbgemmLinear, IntMatmulLinear, UnpackedEmbedding,
+                                   choose_kernels, kernel_summary, quantize_input, to_fast)
 from compactnlu.quant.kernels import fastest, kernel_works, measure
 from compactnlu.quant.quantizer import fake_quantize
 from compactnlu.quant.stored import PrecisionEmbedding, PrecisionLinear
@@ -338,6 +339,32 @@ def test_to_fast_on_a_tiny_model_gives_a_kernel_summary(tmp_path):
     with pytest.raises(ValueError):
         to_fast(model, "int3")
     assert kernel_summary(model) == {"paper": 4}  # the original is left as it is
+
+
+@needs["fbgemm"]
+def test_a_call_runs_the_kernel_measured_for_the_nearest_rows():
+    layer = PrecisionLinear.from_linear(nn.Linear(32, 8), 8)
+    by_rows = ByRowsLinear(layer, {24: "dequant", 3072: "fbgemm"})  # the bound: sqrt(24 * 3072) = 271.5
+    assert [by_rows.kernel_for(r) for r in (1, 24, 271, 272, 3072, 10**6)] == ["dequant"] * 3 + ["fbgemm"] * 3
+    for rows, kernel in ((5, "dequant"), (400, "fbgemm")):
+        x = torch.randn(rows, 32)
+        assert torch.equal(by_rows(x), by_rows.paths[kernel](x))
+    assert kernel_summary(nn.Sequential(by_rows)) == {"dequant | fbgemm from 272 rows": 1}
+    merged = ByRowsLinear(layer, {24: "dequant", 768: "fbgemm", 3072: "fbgemm"})  # a change at one bound only
+    assert merged.kernels == ["dequant", "fbgemm"] and merged.kernel == "dequant | fbgemm from 136 rows"
+
+
+def test_to_fast_splits_a_layer_by_rows_only_where_the_choices_differ(monkeypatch):
+    def choices(layers, rows, cache):  # as if measured: dequant wins on few rows, fbgemm on many
+        return {fast._shape_key(layer, rows): "dequant" if rows < 100 or layer.bits == 4 else "fbgemm"
+                for layer in layers}
+
+    monkeypatch.setattr(fast, "choose_kernels", choices)
+    monkeypatch.setattr(fast.kernels, "kernel_works", lambda kernel: True)
+    model = to_fast(tiny_model(), rows=(24, 768))
+    assert isinstance(model[0], ByRowsLinear) and model[0].kernels == ["dequant", "fbgemm"]  # the 8-bit layer
+    assert kernel_summary(model) == {"dequant": 3, "dequant | fbgemm from 136 rows": 1}
+    assert kernel_summary(to_fast(tiny_model(), rows=768)) == {"dequant": 3, "fbgemm": 1}
 
 
 @pytest.mark.parametrize("bits,per_channel", [(4, True), (4, False), (8, True), (16, True)])

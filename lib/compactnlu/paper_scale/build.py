@@ -148,7 +148,7 @@ def precision_build(model, policy: dict, per_layer: bool, embedding: bool, per_c
     return build
 
 
-def fast_path(rows: int, cache):
+def fast_path(rows: tuple[int, ...], cache):
     """``make(model) -> (model, kernels)`` for ``Builder.same_artifact``: the fast path's layers."""
     def make(model):
         fast = to_fast(model, "auto", rows=rows, cache=cache)
@@ -204,7 +204,7 @@ def build_variants(profile, settings: Settings, inputs: Inputs, chosen: StudyPol
     torch.set_num_threads(settings.threads)
     fp32 = build_model(settings.shape, profile.pooling, settings.seed)
     mapped = map_policy(chosen.policy, settings.shape.num_layers) if chosen.per_layer else dict(chosen.policy)
-    rows = settings.batch_size * inputs.n_tokens  # the fast path picks kernels for the timed batch's rows
+    rows = (inputs.n_tokens, settings.batch_size * inputs.n_tokens)  # the fast path's kernels for both timed batches
     b = Builder(profile.artifacts_dir / "paper_scale", inputs, log)
     b.add(Variant("fp32", "fp32", "torch float"), fp32_build(fp32))
     # ONNX first: its exports hold extra copies of the fp32 weights, best made while little else is in memory

@@ -40,6 +40,8 @@ CANDIDATES = (FLOOR, "int_mm", "fbgemm")  # what a measured choice picks from, t
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
 # A representative batch: 32 utterances of ~24 tokens (MASSIVE's median length in subwords).
 DEFAULT_ROWS = 768
+# The study's batches: one utterance, 32 and 128 of them (the benchmark's pass).
+STUDY_ROWS = (24, DEFAULT_ROWS, 128 * 24)
 PROBE_SHARES = (32, 4)  # before its first full call, a kernel runs on 1/32, then 1/4 of the rows
 REPEATS = 5
 BUDGET_S = 0.25  # after three rounds, a shape whose rounds took this long stops measuring

@@ -183,7 +183,7 @@ class UnpackedEmbedding(nn.Module):
 
     def __init__(self, layer: PrecisionEmbedding):
         super().__init__()
-        self.per_channel, self.padding_idx = layer.per_channel, layer.padding_idx
+        self.per_channel = layer.per_channel
         self.register_buffer("table", layer.integers().contiguous())
         self.register_buffer("scale", layer.scale.clone())
 
@@ -217,7 +217,8 @@ class ByRowsLinear(nn.Module):
     nearest measured number of rows (nearest on a log scale): which kernel wins moves with
     the rows, and one model answers both single utterances and batches of 128. Measured on an
     AVX-512 VNNI EPYC, 2 threads, an 8-bit 128 -> 512 layer: at 768 rows ``int_mm`` 310 µs and
-    ``fbgemm`` 314; at 2560 rows ``int_mm`` 1.04 ms and ``fbgemm`` 0.71 (float 1.78)."""
+    ``fbgemm`` 314; at 2560 rows ``int_mm`` 1.04 ms and ``fbgemm`` 0.71 (float 1.78). It holds
+    the layer's weights once per kernel it uses (``kernel_summary`` names them)."""
 
     def __init__(self, layer: PrecisionLinear, kernel_by_rows: dict[int, str]):
         super().__init__()

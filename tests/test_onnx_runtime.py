@@ -314,10 +314,11 @@ def test_session_threads(fp32_dir):
     assert OnnxNLU.load(fp32_dir).threads == torch.get_num_threads()
 
 
-def test_session_workers_spin_only_when_asked(fp32_dir):
-    # by default, spinning workers would take the cores from the torch Viterbi that follows every run
-    assert not OnnxNLU.load(fp32_dir, threads=2).spinning
-    assert OnnxNLU.load(fp32_dir, threads=2, spinning=True).spinning
+def test_session_workers_spin_only_when_asked_and_never_after_a_run(fp32_dir):
+    # workers spinning after a run would take the cores from the torch Viterbi that follows it
+    sleeping, spinning = OnnxNLU.load(fp32_dir, threads=2), OnnxNLU.load(fp32_dir, threads=2, spinning=True)
+    assert not sleeping.spinning and spinning.spinning
+    assert not sleeping.spinning_after_runs and not spinning.spinning_after_runs
 
 
 def test_loading_runs_no_pickle(fp32_dir, int8_dir, refuse_pickle):

@@ -200,7 +200,8 @@ def environment() -> dict:
 def kernels_used(model) -> str:
     """For the environment table: which matrix-multiply kernels a loaded variant runs on."""
     if type(model).__name__ == "OnnxNLU":
-        return f"onnxruntime (MLAS), workers {'spinning' if model.spinning else 'not spinning'} between runs"
+        workers = "spinning" if model.spinning else "sleeping"
+        return f"onnxruntime (MLAS), workers {workers} in a run{', and after it' if model.spinning_after_runs else ''}"
     modules = list(model.modules())
     if any(hasattr(m, "kernel") for m in modules):
         return ", ".join(f"{k} x{n}" for k, n in sorted(kernel_summary(model).items()))

@@ -49,6 +49,7 @@ ONNX_FILE = "model.onnx"
 CRF_FILE = "model.crf.safetensors"  # "model.*": counted by artifact_size_mb like the weights
 OPSET = 20  # what torch 2.13's dynamo exporter emits natively (no version conversion); ORT 1.32 runs it
 SPINNING = "session.intra_op.allow_spinning"
+STOP_SPINNING = "session.force_spinning_stop"  # workers stop spinning as each run returns
 PROTOBUF_LIMIT = 2 * 1024**3  # one .onnx file holds at most 2 GiB (xlm-roberta-base fp32 is ~1.1 GB)
 
 
@@ -177,13 +178,18 @@ class OnnxNLU:
     def load(cls, folder: Path | str, threads: int | None = None, spinning: bool = False) -> "OnnxNLU":
         """The session for ``folder``: ``threads`` intra-op threads (torch's count by default).
 
-        ``spinning``: whether ORT's idle workers busy-wait for work (ORT's default) or sleep.
-        Which is faster depends on the model's size, measured on 2 cores (AMD EPYC, AVX-512):
-        at the study's size, spinning workers keep the cores from the torch Viterbi that
-        follows every run (a pass of the composed test with ORT int8: 10.3 s spinning, 5.8 s
-        not; batch 1: 4.5 and 4.3 ms); at XLM-R-base's size a run is long and has hundreds of
-        parallel ops, and waking sleeping workers for each costs more (batch 1: 29 ms spinning,
-        51 ms not; batch 32: 0.31 and 0.32 s). Each caller passes the faster setting for its size.
+        ``spinning``: whether ORT's workers busy-wait for work during a run (else they sleep
+        between tasks). Either way they stop at the end of each run
+        (``session.force_spinning_stop``): ORT's default, spinning on after a run, takes the
+        cores from whatever torch runs next. Measured on 2 cores (AMD EPYC, AVX-512), one-off
+        probes: at the study's size, a pass of the composed test with ORT int8 took 10.3 s with
+        ORT's default and 5.8 s not spinning, and the baseline's latency p50 in Table 2 fell from
+        9.5 to 3.2 ms once ORT stopped spinning; at XLM-R-base's size, torch's dynamic int8 at
+        batch 1 took 17.4 ms alone, 34.9 ms interleaved with ORT's default and 18.6 ms with the
+        stop, while ORT itself took 18.9 and 19.3 ms. Which of sleeping or spinning in a run is
+        faster depends on the size: sleeping at the study's (a pass 6.1 s against 7.5 s with the
+        stop), spinning at XLM-R-base's (batch 1: 29 ms spinning, 51 ms sleeping, both without the
+        stop). Each caller passes the faster one for its size.
         """
         import onnxruntime as ort
 
@@ -195,6 +201,7 @@ class OnnxNLU:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry(SPINNING, "1" if spinning else "0")
+        options.add_session_config_entry(STOP_SPINNING, "1")
         session = ort.InferenceSession(str(folder / ONNX_FILE), sess_options=options,
                                        providers=["CPUExecutionProvider"])
         crf = None
@@ -218,13 +225,21 @@ class OnnxNLU:
     def threads(self) -> int:
         return int(self.session.get_session_options().intra_op_num_threads)
 
+    def _entry(self, key: str) -> str | None:
+        try:
+            return self.session.get_session_options().get_session_config_entry(key)
+        except Exception:  # unset: ORT's pybind error has no narrower type
+            return None
+
     @property
     def spinning(self) -> bool:
-        """Whether ORT's idle workers spin between runs (``load`` turns it off)."""
-        try:
-            return self.session.get_session_options().get_session_config_entry(SPINNING) != "0"
-        except Exception:  # unset: ORT's default, which spins (its pybind error has no narrower type)
-            return True
+        """Whether ORT's workers busy-wait for work during a run (unset: ORT's default, they do)."""
+        return self._entry(SPINNING) != "0"
+
+    @property
+    def spinning_after_runs(self) -> bool:
+        """Whether spinning workers go on spinning after a run returns (ORT's default; ``load`` stops them)."""
+        return self.spinning and self._entry(STOP_SPINNING) != "1"
 
     def eval(self) -> "OnnxNLU":
         return self

@@ -41,8 +41,8 @@ class Variant:
     note: str = ""
 
 
-# ORT's workers busy-wait between the hundreds of parallel ops of a run at this size: faster at
-# batch 1 than sleeping (``OnnxNLU.load`` gives the measurement), so ORT gets its best setting here.
+# ORT's workers busy-wait between the hundreds of parallel ops of a run at this size, and stop as
+# the run returns: ORT's faster setting here (``OnnxNLU.load`` gives the measurements).
 ORT_SPINNING = True
 
 

@@ -26,7 +26,8 @@ input in float on every call. Here the same stored integers and scales run on on
 ``to_fast(model)`` picks, per layer shape and number of rows, the fastest of ``dequant``,
 ``int_mm`` and ``fbgemm`` as measured on this CPU (``kernels``: a short micro-benchmark, cached
 per machine; a layer whose choice differs between row counts dispatches on each call's rows,
-``ByRowsLinear``), so the fast path is never slower than the floor. ``kernel_summary`` says what each layer runs.
+``ByRowsLinear``), so the fast path is never slower than the floor. ``kernel_summary`` says what
+each layer runs.
 How far each kernel agrees with the paper's path is measured (``agreement``), not assumed.
 """
 
@@ -178,8 +179,8 @@ class UnpackedEmbedding(nn.Module):
     """A stored embedding with its integers unpacked once, at load (a 4-bit table then takes
     twice its stored bytes in memory, a quarter of float): a lookup gathers integer rows and
     scales them, the very numbers ``PrecisionEmbedding`` computes, without unpacking nibbles on
-    every call (a lookup of the study's 4-bit table, batch 128 x 22: 0.08 ms against 0.36 ms,
-    float 0.05 ms; AMD EPYC, 2 threads)."""
+    every call (a one-off probe of the study's 4-bit table, batch 128 x 22: 0.08 ms a lookup
+    against 0.36 ms, float 0.05 ms; AMD EPYC, 2 threads)."""
 
     def __init__(self, layer: PrecisionEmbedding):
         super().__init__()
@@ -215,8 +216,8 @@ def fast_layer(layer: PrecisionLinear, kernel: str = "int_mm") -> nn.Module:
 class ByRowsLinear(nn.Module):
     """One stored layer on several kernels, each call on the one measured fastest for the
     nearest measured number of rows (nearest on a log scale): which kernel wins moves with
-    the rows, and one model answers both single utterances and batches of 128. Measured on an
-    AVX-512 VNNI EPYC, 2 threads, an 8-bit 128 -> 512 layer: at 768 rows ``int_mm`` 310 µs and
+    the rows, and one model answers both single utterances and batches of 128. A one-off probe
+    on an AVX-512 VNNI EPYC, 2 threads, an 8-bit 128 -> 512 layer: at 768 rows ``int_mm`` 310 µs and
     ``fbgemm`` 314; at 2560 rows ``int_mm`` 1.04 ms and ``fbgemm`` 0.71 (float 1.78). It holds
     the layer's weights once per kernel it uses (``kernel_summary`` names them)."""
 

@@ -62,6 +62,14 @@ where the matrices are large. Block sizes 32..256 at level 4 on the XLM-R layer:
 fastest (72 vs 104 ms at 4 bits), its logits 0.6-1.0% (of the largest) from the
 weight-only model's, vs 0.4-0.7% at 32.
 
+Why not ``MatMulInteger``, ORT's own int8 op (``benchmarks/onnx_linear_ops.py``; AVX-512 VNNI
+EPYC, 2 threads, 704 rows): on u8s8 (uint8 inputs, int8 weights) it is the fastest op here
+(768->3072: 14.6 ms, MatMulNBits 22.7-24.0, float 31.1), but a CPU without VNNI sums u8s8
+pairs in int16 (``vpmaddubsw``), which full-range 8-bit stored weights overflow; ORT's own
+int8 graph avoids that with 7-bit weights (``reduce_range``), which would not be the stored
+integers. The exact alternatives are no faster: u8u8 (weights shifted by 128) 31.8 ms, s8s8
+(the paper's symmetric inputs) 103 ms. The script prints whether u8s8 saturates on its CPU.
+
 Nothing here unpickles anything: ONNX protobuf, safetensors and JSON only.
 """
 

@@ -13,6 +13,7 @@ import torch
 
 from compactnlu import bench
 from compactnlu.cpu import ASSUME_NO_VNNI, cpu_features, cpu_model, has_vnni, isa_flags
+from compactnlu.quant.method import FORMAT_VERSION
 
 X86 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -89,7 +90,8 @@ def test_environment_names_the_cpu_and_its_int8_features(real_cpu):
 
 def write_quantization(folder, **details):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "quantization.json").write_text(json.dumps({"method": "onnxruntime_dynamic", **details}))
+    record = {"format_version": FORMAT_VERSION, "method": "onnxruntime_dynamic", **details}
+    (folder / "quantization.json").write_text(json.dumps(record))
     return folder
 
 
@@ -111,6 +113,14 @@ def test_onnx_int8_settings_name_the_choice_and_whether_it_fits(tmp_path, monkey
     broken = write_quantization(tmp_path / "broken", reduce_range="auto")
     with pytest.raises(ValueError, match="reduce_range"):
         bench.onnx_int8_settings(broken)
+    nbits = write_quantization(tmp_path / "nbits", method="onnx_matmulnbits", reduce_range=False)
+    with pytest.raises(ValueError, match="must be 'onnxruntime_dynamic'"):
+        bench.onnx_int8_settings(nbits)
+    unversioned = tmp_path / "unversioned"
+    unversioned.mkdir()
+    (unversioned / "quantization.json").write_text(json.dumps({"method": "onnxruntime_dynamic", "reduce_range": True}))
+    with pytest.raises(ValueError, match="format_version"):
+        bench.onnx_int8_settings(unversioned)
 
 
 # ---------------------------------------------------------------- make unit-avx2 really imitates AVX2

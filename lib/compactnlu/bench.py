@@ -29,6 +29,9 @@ from .cpu import cpu_model, has_vnni, isa_flags
 from .features import IGNORE, load_study_data
 from .interface import Decisions, NLUModel, decide
 from .quant.fast import kernel_summary
+from .quant.method import DETAILS_FILE
+from .quant.onnx_int8 import ORT_INT8
+from .quant.registry import read_details
 from .quant.stored import PrecisionLinear
 from .train import collator_for
 from .variants import load as load_variant
@@ -214,11 +217,15 @@ def kernels_used(model) -> str:
 
 def onnx_int8_settings(folder: Path | str) -> dict:
     """For the environment table: an ONNX Runtime int8 artifact's ``reduce_range``, the CPU it
-    was chosen for, and whether this CPU runs it without saturating (7-bit weights, or VNNI)."""
-    path = Path(folder) / "quantization.json"
+    was chosen for, and whether this CPU runs it without saturating (7-bit weights, or VNNI).
+    The record is read as loading reads it (``quant.read_details``: a registered method, this
+    format version); it must be ORT's dynamic int8."""
+    path = Path(folder) / DETAILS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no quantization.json in {folder}: not a quantized artifact")
-    details = json.loads(path.read_text())
+        raise FileNotFoundError(f"no {DETAILS_FILE} in {folder}: not a quantized artifact")
+    details = read_details(folder)
+    if details["method"] != ORT_INT8.name:
+        raise ValueError(f"{path}: method must be {ORT_INT8.name!r}, got {details['method']!r}")
     if not isinstance(details.get("reduce_range"), bool):
         raise ValueError(f"{path}: 'reduce_range' must be true or false, got {details.get('reduce_range')!r}")
     made_on = details.get("quantized_on", {})  # absent in artifacts written before it was recorded

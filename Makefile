@@ -33,12 +33,12 @@ unit: venv
 # The quantization tests again as on a CPU with AVX2 only (no AVX-512, no VNNI), whatever this
 # one has: torch's vector kernels (ATEN_CPU_CAPABILITY), oneDNN (ONEDNN_MAX_CPU_ISA) and fbgemm,
 # torch's int8 linear kernels, which saturate without VNNI (FBGEMM_ENABLE_INSTRUCTIONS; the
-# other two do not reach it). torch._int_mm goes to oneDNN only where cpuinfo sees VNNI, so the
+# other two do not reach it), and MKL, torch's float matrix multiply (MKL_ENABLE_INSTRUCTIONS). torch._int_mm goes to oneDNN only where cpuinfo sees VNNI, so the
 # cap also gives it oneDNN's saturating AVX2 int8 kernel, as for anyone who caps oneDNN: int8
 # code must not take _int_mm to be exact. ONNX Runtime has no such switch:
 # COMPACTNLU_ASSUME_NO_VNNI=1 makes compactnlu.cpu.has_vnni() answer False, so the int8 graph
 # is quantized as for such a CPU. Takes about a minute.
-AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 COMPACTNLU_ASSUME_NO_VNNI=1
+AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 COMPACTNLU_ASSUME_NO_VNNI=1
 QUANT_TESTS := tests/test_cpu.py tests/test_kernels.py tests/test_quant.py tests/test_static.py tests/test_dynamic.py tests/test_quant_registry.py tests/test_precision.py tests/test_pcptq.py tests/test_onnx_runtime.py tests/test_onnx_nbits.py
 
 unit-avx2: venv

@@ -47,7 +47,8 @@ def _session(nodes, initializers, k: int, n: int) -> ort.InferenceSession:
     graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
                               initializer=[numpy_helper.from_array(v, name) for name, v in initializers.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
     options.log_severity_level = 3  # the unused zero-point initializer of s8s8 is not news

@@ -37,7 +37,7 @@ from ..cpu import cpu_model
 FLOOR = "dequant"
 CANDIDATES = (FLOOR, "int_mm", "fbgemm")  # what a measured choice picks from, the floor first
 # Settings that change which kernels torch dispatches to, so they key the cache like the CPU does.
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "MKL_ENABLE_INSTRUCTIONS")
 # A representative batch: 32 utterances of ~24 tokens (MASSIVE's median length in subwords).
 DEFAULT_ROWS = 768
 # The study's batches: one utterance, 32 and 128 of them (the benchmark's pass).

@@ -39,14 +39,32 @@ def test_artifact_size_counts_deployed_files_only(tmp_path):
         bench.artifact_size_mb(tmp_path / "missing")
 
 
-def test_passes_are_interleaved_in_rotated_order():
+def test_passes_are_interleaved_in_seeded_orders():
     log: list = []
     models = {n: Counting(n, log) for n in "abc"}
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
     passes = bench.time_passes(models, [batch], repeats=3, warmup=0)
-    assert log == list("abc" "bca" "cab")
+    assert log == [name for _, order in bench.running_orders(list("abc"), 3) for name in order]
     assert len(passes) == 9 and (passes.seconds > 0).all()
     assert passes.groupby("variant").size().tolist() == [3, 3, 3]
+    assert passes.groupby("repeat").variant.apply(sorted).map(tuple).nunique() == 1  # every variant once a repeat
+
+
+def test_running_orders_are_reproducible_and_vary_who_runs_before_whom():
+    names = ["baseline", "static", "dynamic", "onnx"]
+    orders = [order for _, order in bench.running_orders(names, 20)]
+    assert orders == [order for _, order in bench.running_orders(names, 20)]
+    assert all(sorted(order) == sorted(names) for order in orders)
+    before_baseline = {order[order.index("baseline") - 1] for order in orders if order[0] != "baseline"}
+    assert before_baseline == {"static", "dynamic", "onnx"}  # a rotation would always give the same one
+
+
+def test_ratios_within_repeats_pair_each_pass_with_the_reference_of_its_repeat():
+    passes = pd.DataFrame({"variant": ["ref", "q"] * 3, "repeat": [0, 0, 1, 1, 2, 2],
+                           "seconds": [1.0, 0.5, 4.0, 2.4, 2.0, 1.4]})  # repeat 1 slowed by load, both alike
+    ratios = bench.ratios_within_repeats(passes, "ref")
+    assert ratios.loc["q"].tolist() == pytest.approx([0.6, 0.5, 0.7])
+    assert ratios.loc["ref"].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_summary_takes_medians_and_percentiles():

@@ -175,11 +175,16 @@ def test_choices_are_cached_reused_and_keyed_by_machine(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "cpu_model", lambda: "Another CPU")
     to_fast(model, rows=ROWS, cache=cache)
     assert calls and len(read_json(cache)) == 3
+    # the same name with other ISA flags (a VM names an AVX2-only and an AVX-512 EPYC alike)
+    calls.clear()
+    monkeypatch.setattr(kernels, "isa_flags", lambda: ["avx2"])
+    to_fast(model, rows=ROWS, cache=cache)
+    assert calls and len(read_json(cache)) == 4 and "[avx2]" in kernels.machine_key()
     # a setting that limits torch's instruction set (it changes which kernel is fast) too
     calls.clear()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
     to_fast(model, rows=ROWS, cache=cache)
-    assert calls and len(read_json(cache)) == 4 and "ONEDNN_MAX_CPU_ISA=SSE41" in kernels.machine_key()
+    assert calls and len(read_json(cache)) == 5 and "ONEDNN_MAX_CPU_ISA=SSE41" in kernels.machine_key()
     # another number of rows is another key
     calls.clear()
     to_fast(model, rows=2 * ROWS, cache=cache)

@@ -256,6 +256,18 @@ def test_refusals(student, pc_model, tmp_path):
     assert not (tmp_path / "bad").exists() and not (tmp_path / "float").exists()
 
 
+def test_an_embedding_that_is_not_whole_blocks_wide_is_refused_before_writing(tmp_path):
+    # GatherBlockQuantized returns whole 16-wide blocks: a 40-wide table would come back 48 wide
+    model = make_model(encoder={**TOY_ENCODER, "hidden_size": 40})
+    groups = precision_groups(model, embedding=True)
+    pc = apply_policy(model, {**{group: 8 for group in groups}, "embedding": 4}, groups).eval()
+    with pytest.raises(ValueError, match="embedding 40 wide"):
+        export_precision_onnx(pc, tmp_path / "padded")
+    assert not (tmp_path / "padded").exists()
+    pc = apply_policy(model, {**{group: 8 for group in groups}, "embedding": 16}, groups).eval()
+    assert OnnxNLU.load(export_precision_onnx(pc, tmp_path / "float_table"), threads=1).output_names
+
+
 def test_loading_runs_no_pickle(nbits_dirs, refuse_pickle):
     batch = make_batch(0, 2, 6)
     for folder in nbits_dirs.values():

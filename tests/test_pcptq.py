@@ -200,6 +200,8 @@ def test_policy_table_is_component_by_layer():
                           "head.id": 8, "embedding": 4})
     assert table.loc["attention", "1"] == 8 and table.loc["mlp", "0"] == 16 and table.loc["head.id", "all"] == 8
     assert list(table.index)[-1] == "head.id"
+    deep = policy_table({**{f"layer{i}.mlp": 8 for i in range(12)}, "head.id": 4})
+    assert list(deep.columns) == [str(i) for i in range(12)] + ["all"]  # numeric order, not "0", "1", "10"
 
 
 def test_variants_are_registered_and_loaded_by_name(profile, models):

@@ -107,6 +107,15 @@ def test_zero_rows_and_zero_tensors_give_exact_zeros(bits):
         assert torch.equal(fake_quantize(zeros, bits, per_channel=per_channel), zeros)
 
 
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_a_channel_whose_scale_would_underflow_quantizes_to_finite_numbers(bits):
+    # max|x| / qmax underflows to 0 below about 1e-40 (16 bits) without max|x| being 0
+    x = torch.tensor([[1e-41, 0.0, -5e-42], [1.0, -0.5, 0.25]])
+    q, scale = quantize_symmetric(x, bits)
+    assert torch.all(scale > 0) and torch.all(torch.isfinite(dequantize(q, scale)))
+    assert torch.all(torch.isfinite(fake_quantize(x, bits))) and torch.all(torch.isfinite(fake_quantize(x[:1], bits)))
+
+
 def test_bad_bit_widths_are_refused():
     for bits in (1, 17, 4.5):
         with pytest.raises(ValueError):

@@ -116,7 +116,7 @@ def int8_error_bound(logits: torch.Tensor, method: str, n_layers: int) -> float:
     """A first-order bound on a quantized model's logit error, from its quantization steps.
 
     Relative to its output's scale, one quantized linear is off by at most half a weight step
-    (symmetric int8, max|W|/127: 1/254) plus half an input step (7-bit, range/127 over a
+    (symmetric int8, max|W|/127.5: 1/255, below 1/254) plus half an input step (7-bit, range/127 over a
     range <= 2 max|x|: 1/127), plus, static only, half a step of its 7-bit requantized output
     (1/127); an 8-bit embedding row by at most 1/255. The path to a logit runs through the
     embedding, per layer Q and K (their product makes the attention scores), V, the

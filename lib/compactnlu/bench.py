@@ -3,7 +3,8 @@
 Time is the model's: batches are tokenized and padded before the clock starts (the same
 batches for every variant), and a pass is the forward plus the decisions that are scored
 (``interface.decide``: label sets for ID and DC, Viterbi for SF). Variants are
-interleaved, each repeat in a rotated order, so drift of the machine hits them alike.
+interleaved, each repeat in a fresh seeded order, so drift of the machine hits them alike and
+no variant always runs after the same one.
 Peak memory is measured in a fresh process per variant (``python -m compactnlu.bench``),
 so one variant's allocations cannot hide another's.
 """
@@ -69,10 +70,15 @@ def infer(model: NLUModel, batch: dict) -> Decisions:
     return decide(out, batch.get("word_mask"), model)  # a model without SF needs no word mask
 
 
-def _rotations(names: list[str], repeats: int):
+def running_orders(names: list[str], repeats: int, seed: int = 0):
+    """``(repeat, order)`` for each repeat: a fresh permutation of ``names``, seeded, so a rerun
+    times in the same orders. A fixed rotation put each variant after the same one in every
+    repeat, so whatever one variant leaves behind (ONNX Runtime's workers, the caches it
+    filled) always landed on the same next one; in notebook 08 that was the fp32 baseline, the
+    denominator of every ratio, always right after the ONNX Runtime int8 session."""
+    rng = np.random.default_rng(seed)
     for r in range(repeats):
-        k = r % len(names)
-        yield r, names[k:] + names[:k]
+        yield r, [names[i] for i in rng.permutation(len(names))]
 
 
 def time_passes(models: dict, batches: list[dict], repeats: int = 5, warmup: int = 1) -> pd.DataFrame:
@@ -83,7 +89,7 @@ def time_passes(models: dict, batches: list[dict], repeats: int = 5, warmup: int
             for batch in batches[:: max(1, len(batches) // 8)]:
                 infer(models[name], batch)
     rows = []
-    for r, order in _rotations(names, repeats):
+    for r, order in running_orders(names, repeats):
         for name in order:
             start = time.perf_counter()
             for batch in batches:
@@ -93,14 +99,15 @@ def time_passes(models: dict, batches: list[dict], repeats: int = 5, warmup: int
 
 
 def latency(models: dict, singles: list[dict], warmup: int = 10) -> pd.DataFrame:
-    """Milliseconds per utterance at batch 1, variants interleaved utterance by utterance."""
+    """Milliseconds per utterance at batch 1, variants interleaved utterance by utterance, each
+    utterance in a fresh order (``running_orders``)."""
     names = list(models)
     for name in names:
         for batch in singles[:warmup]:
             infer(models[name], batch)
     rows = []
-    for i, batch in enumerate(singles):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+    for (i, order), batch in zip(running_orders(names, len(singles)), singles):
+        for name in order:
             start = time.perf_counter()
             infer(models[name], batch)
             rows.append({"variant": name, "utterance": i, "ms": 1e3 * (time.perf_counter() - start)})
@@ -125,6 +132,15 @@ def time_classic(model, dataset, labels, repeats: int = 5, n_latency: int = 200)
         latencies.append({"variant": "classic", "utterance": i, "ms": 1e3 * (time.perf_counter() - start)})
     passes = pd.DataFrame(passes)
     return summarise(passes, pd.DataFrame(latencies), passes, n_throughput=len(dataset))
+
+
+def ratios_within_repeats(passes: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Each variant's pass over ``reference``'s pass in the same repeat (``time_passes``' rows),
+    as its median, min and max over repeats: a burst of load on a shared machine slows the
+    passes of one repeat, so a ratio within a repeat is steadier than a ratio of medians."""
+    wide = passes.pivot(index="repeat", columns="variant", values="seconds")
+    ratio = wide.div(wide[reference], axis=0)
+    return pd.DataFrame({"median": ratio.median(), "min": ratio.min(), "max": ratio.max()}).rename_axis("variant")
 
 
 def summarise(passes: pd.DataFrame, latencies: pd.DataFrame, throughput_passes: pd.DataFrame,
@@ -271,7 +287,7 @@ def time_split(models: dict, batches: list[dict], repeats: int = 2) -> pd.DataFr
     rows = []
     for name, model in models.items():
         infer(model, batches[0])
-    for r, order in _rotations(list(models), repeats):
+    for r, order in running_orders(list(models), repeats):
         for name in order:
             model = models[name]
             start = time.perf_counter()

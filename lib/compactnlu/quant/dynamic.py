@@ -1,4 +1,5 @@
-"""Dynamic PTQ: every ``nn.Linear`` to int8 weights (scale max|W|/127 per tensor) with
+"""Dynamic PTQ: every ``nn.Linear`` to int8 weights (scale max|W|/127.5 per tensor: torch's
+symmetric ``MinMaxObserver`` spreads [-max|W|, max|W|] over all 255 steps of [-128, 127]) with
 activations quantized on the fly per batch, and the embeddings to 8-bit weights; no calibration."""
 
 from __future__ import annotations

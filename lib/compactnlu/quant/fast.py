@@ -68,7 +68,8 @@ def quantize_input(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     x = x.float()
     low, high = torch.aminmax(x)
     amax = torch.maximum(-low, high)
-    step = torch.where(amax > 0, amax / qmax(bits), torch.ones_like(amax))  # all zeros: step 1, as absmax_scale
+    step = amax / qmax(bits)
+    step = torch.where(step > 0, step, torch.ones_like(step))  # zero (or underflowing): step 1, as absmax_scale
     return (x / step).round_().clamp_(qmin(bits), qmax(bits)), step
 
 

@@ -32,12 +32,14 @@ from pathlib import Path
 import torch
 
 from ..artifacts import read_json, write_json
-from ..cpu import cpu_model
+from ..cpu import cpu_model, isa_flags
 
 FLOOR = "dequant"
 CANDIDATES = (FLOOR, "int_mm", "fbgemm")  # what a measured choice picks from, the floor first
 # Settings that change which kernels torch dispatches to, so they key the cache like the CPU does.
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "MKL_ENABLE_INSTRUCTIONS")
+# DNNL_MAX_CPU_ISA is oneDNN's older name for ONEDNN_MAX_CPU_ISA, still honoured.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS",
+           "MKL_ENABLE_INSTRUCTIONS")
 # A representative batch: 32 utterances of ~24 tokens (MASSIVE's median length in subwords).
 DEFAULT_ROWS = 768
 # The study's batches: one utterance, 32 and 128 of them (the benchmark's pass).
@@ -179,10 +181,13 @@ def default_cache_path() -> Path:
 
 
 def machine_key() -> str:
-    """What the timings depend on besides the shape: the CPU, torch's kernels (its version,
-    its quantized engine, ``ISA_ENV`` where set), the threads."""
+    """What the timings depend on besides the shape: the CPU (its name AND its ISA flags: in a
+    VM an AVX2-only EPYC and an AVX-512 VNNI one both say "AMD EPYC", and ``torch._int_mm`` is
+    fast on one, a naive loop on the other), torch's kernels (its version, the vector ISA it
+    dispatches, its quantized engine, ``ISA_ENV`` where set), the threads."""
     limits = "".join(f" | {name}={os.environ[name]}" for name in ISA_ENV if os.environ.get(name))
-    return (f"{cpu_model()} | torch {torch.__version__} | {torch.backends.quantized.engine} | "
+    return (f"{cpu_model()} [{' '.join(isa_flags())}] | torch {torch.__version__} "
+            f"({torch.backends.cpu.get_cpu_capability()}) | {torch.backends.quantized.engine} | "
             f"{torch.get_num_threads()} threads{limits}")
 
 

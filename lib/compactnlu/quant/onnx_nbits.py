@@ -87,7 +87,7 @@ from ..model import MultiTaskNLU, assert_finite
 from ..onnx_runtime import LOGITS, ONNX_FILE, PROTOBUF_LIMIT, copy_sidecars, export_onnx
 from .groups import precision_groups
 from .method import save_artifact
-from .nbits_graph import NBITS, rewrite_graph, set_ms_opset
+from .nbits_graph import MIN_BLOCK, NBITS, rewrite_graph, set_ms_opset
 from .onnx_method import OnnxMethod
 from .quantizer import qmax
 from .stored import PrecisionEmbedding, PrecisionLinear, StoredWeight, stored_layers
@@ -167,6 +167,12 @@ class OnnxNBits(OnnxMethod):
             raise ValueError("the model holds no PrecisionLinear or PrecisionEmbedding; export_onnx exports a float "
                              "model")
         assert_finite({f"{n}.scale": m.scale for n, m in layers.items()}, f"export_precision_onnx to {folder}")
+        for name, layer in layers.items():
+            if isinstance(layer, PrecisionEmbedding) and layer.bits in NBITS and layer.cols % MIN_BLOCK:
+                # GatherBlockQuantized has no width attribute: it would return whole padded blocks
+                raise ValueError(f"{name}: a {layer.bits}-bit embedding {layer.cols} wide is not a whole number of "
+                                 f"{MIN_BLOCK}-wide blocks, so GatherBlockQuantized would return padded rows and the "
+                                 "graph would not load; keep it at 16 bits or use a width divisible by 16")
 
     def write(self, model: MultiTaskNLU, tmp: Path, details: dict) -> dict:
         import onnx

@@ -40,7 +40,9 @@ def absmax_scale(x: torch.Tensor, bits: int, per_channel: bool, axis: int) -> to
     """``max|x| / qmax`` per channel along ``axis`` (or per tensor), shaped to broadcast against ``x``.
 
     An all-zero channel (or tensor) would give scale 0 and 0/0 = NaN; it gets scale 1
-    instead, which quantizes its zeros to exact zeros. 1-D tensors are always per tensor.
+    instead, which quantizes its zeros to exact zeros. So does a channel so small that
+    ``max|x| / qmax`` underflows to 0 (below about 1e-40): its values then round to 0.
+    1-D tensors are always per tensor.
     """
     x = x.detach().float().abs()
     if per_channel and x.dim() >= 2:
@@ -48,7 +50,8 @@ def absmax_scale(x: torch.Tensor, bits: int, per_channel: bool, axis: int) -> to
         amax = x.amax(dim=[d for d in range(x.dim()) if d != axis], keepdim=True)
     else:
         amax = x.amax().reshape([1] * x.dim())
-    return torch.where(amax > 0, amax / qmax(bits), torch.ones_like(amax))
+    scale = amax / qmax(bits)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def round_clip(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

@@ -189,7 +189,8 @@ def policy_table(policy: Mapping[str, int]) -> pd.DataFrame:
         else:
             rows.append({"component": group, "layer": "all", "bits": bits})
     table = pd.DataFrame(rows).pivot(index="component", columns="layer", values="bits")
-    return table.reindex(sorted(table.index, key=lambda c: (c.startswith("head"), c)))
+    layers = sorted(table.columns, key=lambda c: (c == "all", int(c) if c.isdigit() else 0))  # 2 before 10
+    return table.reindex(index=sorted(table.index, key=lambda c: (c.startswith("head"), c)), columns=layers)
 
 
 def bits_share(policy: Mapping[str, int], counts: Mapping[str, int]) -> dict[int, float]:

@@ -12,9 +12,11 @@ import pytest
 from compactnlu.compose import LabelSpace
 from compactnlu.metrics import METRIC_COLUMNS, task_metrics
 from compactnlu.metric_statistics import column_sums, example_statistics, metric_from_sums, metric_value
+from scipy import stats as scipy_stats
+
 from compactnlu.significance import (
-    REQUIRED_COLUMNS, TABLE_COLUMNS, approximate_randomization, compare, paired_bootstrap, seeds_table,
-    welch_over_seeds,
+    REQUIRED_COLUMNS, TABLE_COLUMNS, approximate_randomization, compare, holm, paired_bootstrap, paired_over_seeds,
+    seeds_table, welch_over_seeds,
 )
 
 # i10, i11 and s5 occur only as wrong predictions, i12 and s6 nowhere: sklearn's macro-F1
@@ -251,12 +253,36 @@ def test_welch_matches_scipy_and_detects_a_gap():
 
 
 def test_seeds_table_layout():
-    per_seed = pd.DataFrame({"variant": ["base"] * 3 + ["kd"] * 3 + ["other"], "seed": [0, 1, 2, 0, 1, 2, 0],
+    per_seed = pd.DataFrame({"variant": ["base"] * 3 + ["kd"] * 3 + ["other"], "train_seed": [0, 1, 2, 0, 1, 2, 0],
                              "id_acc": [0.7, 0.72, 0.71, 0.8, 0.82, 0.81, 0.0],
                              "sf_f1": [0.6, 0.61, 0.62, 0.6, 0.6, 0.6, 1.0]})
     table = seeds_table(per_seed, "base", "kd", metrics=["id_acc", "sf_f1", "dc_acc"])
-    assert list(table.columns) == TABLE_COLUMNS and (table.test == "welch_t").all()
-    rows = table.set_index("metric")
-    assert rows.at["id_acc", "b_mean"] == pytest.approx(0.81) and rows.at["id_acc", "p_value"] < 0.01
-    assert rows.at["id_acc", "n_a"] == 3
-    assert math.isnan(rows.at["dc_acc", "p_value"])
+    assert list(table.columns) == TABLE_COLUMNS and sorted(set(table.test)) == ["paired_t", "welch_t"]
+    for test in ("paired_t", "welch_t"):
+        rows = table[table.test == test].set_index("metric")
+        assert rows.at["id_acc", "b_mean"] == pytest.approx(0.81) and rows.at["id_acc", "n_a"] == 3
+        assert math.isnan(rows.at["dc_acc", "p_value"]) and math.isnan(rows.at["dc_acc", "p_holm"])
+    welch = table[table.test == "welch_t"].set_index("metric")
+    assert welch.at["id_acc", "p_value"] < 0.01 and welch.at["id_acc", "p_holm"] == pytest.approx(2 * welch.at["id_acc", "p_value"])
+    # kd is base + 0.1 on every seed: no spread in the differences, so no t
+    assert "do not vary" in table[table.test == "paired_t"].set_index("metric").at["id_acc", "note"]
+
+
+def test_paired_test_pairs_by_seed_and_matches_scipy():
+    a = pd.Series([0.70, 0.80, 0.75], index=[0, 1, 2])
+    b = pd.Series([0.815, 0.76, 0.71], index=[1, 2, 0])  # another order: paired by seed, not by position
+    out = paired_over_seeds(a, b)
+    want = scipy_stats.ttest_rel([0.71, 0.815, 0.76], [0.70, 0.80, 0.75])
+    assert out["p_value"] == pytest.approx(want.pvalue) and out["n_a"] == out["n_b"] == 3
+    assert out["diff"] == pytest.approx(0.0116667, abs=1e-6) and out["ci_low"] < out["diff"] < out["ci_high"]
+    # seed spread swamps a small, consistent gain in Welch's test, not in the paired one
+    assert out["p_value"] < 0.05 < welch_over_seeds(a, b)["p_value"]
+    lonely = paired_over_seeds(a, pd.Series([0.9], index=[5]))
+    assert math.isnan(lonely["p_value"]) and "fewer than 2" in lonely["note"]
+
+
+def test_holm_adjusts_step_down_and_keeps_nan():
+    adjusted = holm([0.01, 0.04, float("nan"), 0.03, 0.5])
+    assert adjusted[0] == pytest.approx(0.04) and adjusted[3] == pytest.approx(0.09)
+    assert adjusted[1] == pytest.approx(0.09)  # 2 x 0.04 = 0.08, raised to the step before it
+    assert adjusted[4] == pytest.approx(0.5) and math.isnan(adjusted[2])

@@ -13,9 +13,15 @@ What each test assumes:
   example), so examples are positively correlated and the standard errors and p-values
   are somewhat optimistic. Both tests condition on one trained model per variant and say
   nothing about training-seed variance.
-* ``welch_over_seeds`` treats each training seed's corpus-level metric as one
-  independent draw per variant, with unequal variances; it is the only test here that
-  covers seed variance, and it needs at least two seeds per side.
+* ``paired_over_seeds`` pairs the two variants' corpus-level metrics by training seed: seed
+  *s* of the baseline and of the student start from the same initialisation and data order,
+  and a PTQ variant of seed *s* is made from that seed's fp32 model, so the seed's own
+  effect cancels in the difference. It is the test of "would another training run give the
+  same ordering", on the per-seed differences (a paired t-test: with 3 seeds, its normality
+  assumption cannot be checked, and an exact sign-flip test could not go below p = 0.25).
+* ``welch_over_seeds`` treats the seeds of the two variants as independent draws (unequal
+  variances): it ignores the pairing, kept beside the paired test for comparison.
+* ``holm`` adjusts the p-values of one pair's metrics for being read together.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from .metric_statistics import METRIC_KEYS, example_statistics, has_metric, metr
 from .metrics import METRIC_COLUMNS
 
 REQUIRED_COLUMNS = ["metric", "a", "b", "a_mean", "a_std", "b_mean", "b_std", "p_value", "test"]
-EXTRA_COLUMNS = ["diff", "ci_low", "ci_high", "n_a", "n_b", "resamples", "note"]
+EXTRA_COLUMNS = ["diff", "ci_low", "ci_high", "n_a", "n_b", "resamples", "p_holm", "note"]
 TABLE_COLUMNS = REQUIRED_COLUMNS + EXTRA_COLUMNS
 
 # Resampling weights are built in chunks of about this many float64 cells (32 MB).
@@ -229,6 +235,44 @@ def welch_over_seeds(values_a, values_b) -> dict:
     return out
 
 
+def paired_over_seeds(values_a: pd.Series, values_b: pd.Series) -> dict:
+    """Paired t-test of b - a over the training seeds both have (``values_*`` indexed by seed);
+    never raises. Returns :func:`welch_over_seeds`' fields, ``n_a = n_b`` the number of pairs,
+    ``ci_low, ci_high`` the 95% interval of the mean difference; NaN p with a ``note`` for
+    fewer than two pairs or differences that do not vary."""
+    both = pd.concat({"a": pd.Series(values_a, dtype="float64"), "b": pd.Series(values_b, dtype="float64")},
+                     axis=1).dropna()
+    a, b = both["a"].to_numpy(), both["b"].to_numpy()
+    out = {"a_mean": float(a.mean()) if len(a) else float("nan"), "a_std": _std(a),
+           "b_mean": float(b.mean()) if len(b) else float("nan"), "b_std": _std(b),
+           "n_a": len(a), "n_b": len(b), "p_value": float("nan"),
+           "ci_low": float("nan"), "ci_high": float("nan"), "note": ""}
+    out["diff"] = out["b_mean"] - out["a_mean"]
+    if len(a) < 2:
+        out["note"] = f"fewer than 2 seeds in both variants ({len(a)}): no test"
+        return out
+    if _constant(b - a):
+        out["note"] = "the per-seed differences do not vary: t undefined"
+        return out
+    result = scipy_stats.ttest_rel(b, a)
+    ci = result.confidence_interval(0.95)
+    out.update(p_value=float(result.pvalue), ci_low=float(ci.low), ci_high=float(ci.high))
+    return out
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (NaN left out of the family and kept)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full_like(p, np.nan)
+    present = np.flatnonzero(~np.isnan(p))
+    order = present[np.argsort(p[present], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 # ---------------------------------------------------------------- tables
 
 def check_paired(df_a: pd.DataFrame, df_b: pd.DataFrame) -> None:
@@ -283,18 +327,32 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, labels: LabelSpace, name_a: 
         rows.append(_row(metric, name_a, name_b, "paired_bootstrap", **means, p_value=boot.p_value,
                          ci_low=low, ci_high=high))
         rows.append(_row(metric, name_a, name_b, "approximate_randomization", **means, p_value=ar.p_value))
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    return with_holm(pd.DataFrame(rows, columns=TABLE_COLUMNS))
 
 
-def seeds_table(per_seed: pd.DataFrame, name_a: str, name_b: str, metrics=METRIC_COLUMNS) -> pd.DataFrame:
-    """Welch rows (``test="welch_t"``) in :func:`compare`'s layout from a ``variant, seed, <metrics>`` frame."""
+def seeds_table(per_seed: pd.DataFrame, name_a: str, name_b: str, metrics=METRIC_COLUMNS,
+                seed_column: str = "train_seed") -> pd.DataFrame:
+    """Rows in :func:`compare`'s layout from a ``variant, <seed_column>, <metrics>`` frame: the
+    paired t-test over seeds (``test="paired_t"``) and Welch's (``"welch_t"``), each with
+    ``p_holm`` adjusted over ``metrics``."""
     rows = []
     for metric in metrics:
-        if metric in per_seed:
-            values_a = per_seed.loc[per_seed["variant"] == name_a, metric]
-            values_b = per_seed.loc[per_seed["variant"] == name_b, metric]
-        else:
-            values_a = values_b = []
-        w = welch_over_seeds(values_a, values_b)
-        rows.append(_row(metric, name_a, name_b, "welch_t", resamples=0, **w))
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+        values = {}
+        for side, name in (("a", name_a), ("b", name_b)):
+            chosen = per_seed[per_seed["variant"] == name]
+            values[side] = (chosen.set_index(seed_column)[metric] if metric in per_seed
+                            else pd.Series(dtype="float64"))
+        rows.append(_row(metric, name_a, name_b, "paired_t", resamples=0,
+                         **paired_over_seeds(values["a"], values["b"])))
+        rows.append(_row(metric, name_a, name_b, "welch_t", resamples=0,
+                         **welch_over_seeds(values["a"], values["b"])))
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    return with_holm(table)
+
+
+def with_holm(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with ``p_holm``: Holm's adjustment over the metrics of each pair and test."""
+    out = table.copy()
+    for _, rows in out.groupby(["a", "b", "test"], sort=False):
+        out.loc[rows.index, "p_holm"] = holm(rows["p_value"])
+    return out

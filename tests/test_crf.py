@@ -127,6 +127,17 @@ def test_nll_equals_brute_force(tags, seed):
         assert nll[row].item() >= -1e-4  # a negative log-probability
 
 
+def test_nll_stays_exact_when_the_exp_space_product_underflows():
+    # I-a's only way in (B-a) is 200 below the best at word 0, so exp(-200) underflows in float32;
+    # a large emission on I-a at word 1 must not then count as if I-a had been reachable at -87
+    crf = BIOCRF(TAGS3)
+    emissions = torch.zeros(1, 2, 3)
+    emissions[0, 0, 1], emissions[0, 1, 2] = -200.0, 120.0
+    gold, mask = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool)
+    expected = brute_log_partition(crf, emissions[0], 2) - path_score(crf, emissions[0], [0, 0])
+    assert crf.nll(emissions, gold, mask).item() == pytest.approx(expected, abs=1e-4)
+
+
 def test_nll_ignores_the_padding():
     """The same row padded to a different width, with different junk beyond its end, has the same NLL."""
     crf = random_crf(TAGS5, 7)

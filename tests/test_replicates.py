@@ -67,5 +67,12 @@ def test_an_evaluation_without_the_single_test_saves_and_reloads(profile, data, 
     assert first.single.empty
     again = evaluated(profile, data, "no_single", lambda: pytest.fail("evaluated twice"))
     assert again.single.empty and again.row() == first.row()
+
+    # made with another policy (say, notebook 07 selected a new one): evaluated again, then kept
+    calls = []
+    evaluated(profile, data, "no_single", lambda: calls.append(1) or trained.model, single=False,
+              made_with={"policy": "lambda=1"})
+    evaluated(profile, data, "no_single", lambda: pytest.fail("evaluated twice"), made_with={"policy": "lambda=1"})
+    assert calls == [1]
     row = seed_row("no_single", 0, again)
     assert math.isnan(row["massive_intent_acc"]) and not math.isnan(row["id_acc"])

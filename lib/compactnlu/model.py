@@ -180,14 +180,21 @@ class BIOCRF(nn.Module):
         gold = start[tags[:, 0]] + (emitted * on).sum(1) + (moved * on[:, 1:]).sum(1) + self.end_transitions[last]
         # Log-partition by the forward algorithm; each step is a matrix product in exp space,
         # far cheaper than a [B, T, T] logsumexp. Shifting alpha by its row maximum and the
-        # transitions by their column maximum keeps every exponent at most 0.
+        # transitions by their column maximum keeps every exponent at most 0. A tag whose every
+        # allowed way in is over ~87 below the row's best underflows that product to 0; such a
+        # step (never seen with the study's trained emissions) is redone by the logsumexp.
         column_top = trans.max(dim=0, keepdim=True).values
         exp_trans = (trans - column_top).exp()
         tiny = torch.finfo(emissions.dtype).tiny
         alpha = start + emissions[:, 0]
         for t in range(1, tags.shape[1]):
             top = alpha.max(dim=1, keepdim=True).values
-            nxt = torch.log(((alpha - top).exp() @ exp_trans).clamp_min(tiny)) + top + column_top + emissions[:, t]
+            summed = (alpha - top).exp() @ exp_trans
+            nxt = torch.log(summed.clamp_min(tiny)) + top + column_top + emissions[:, t]
+            underflow = summed < tiny
+            if underflow.any():
+                exact = torch.logsumexp(alpha.unsqueeze(2) + trans, dim=1) + emissions[:, t]
+                nxt = torch.where(underflow, exact, nxt)
             alpha = torch.where(mask[:, t].unsqueeze(1), nxt, alpha)
         return torch.logsumexp(alpha + self.end_transitions, dim=1) - gold
 

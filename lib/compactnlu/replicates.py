@@ -14,6 +14,7 @@ from dataclasses import replace
 import pandas as pd
 
 from . import pcptq, variants
+from .artifacts import read_json, write_json
 from .evaluation import Evaluation, evaluate_variant, load_evaluation, predictions_dir
 from .metrics import METRIC_COLUMNS, by_locale, load_predictions
 from .quant import calibration_batches, quantize_dynamic, quantize_static
@@ -22,6 +23,7 @@ from .train import collator_for
 
 # The MASSIVE single-utterance measures kept per seed: mean of the six locales.
 SINGLE_COLUMNS = ["intent_acc", "slot_span_f1", "exact_match"]
+MADE_WITH = "made_with.json"  # beside a replicate's predictions: what its model was made with
 
 
 def seeded(profile, s: int):
@@ -33,12 +35,20 @@ def replicate_name(variant: str, s: int) -> str:
     return variant if s == 0 else f"{variant}@seed{s}"
 
 
-def evaluated(profile, data, variant: str, make_model, single: bool = True) -> Evaluation:
+def evaluated(profile, data, variant: str, make_model, single: bool = True, made_with: dict | None = None
+              ) -> Evaluation:
     """``variant``'s saved evaluation, or ``make_model()`` evaluated (and saved) now; ``single``: on
-    MASSIVE's single-utterance test too."""
-    if (predictions_dir(profile, variant) / "summary.json").exists():
+    MASSIVE's single-utterance test too. ``made_with``: what the model is made with beyond the
+    profile (the PC-PTQ policy notebook 07 selected, static PTQ's calibration batches), saved
+    beside the predictions (``MADE_WITH``); a saved evaluation of a model made otherwise is
+    evaluated again, so a new selection never leaves seeds 1-2 on the old policy's predictions."""
+    folder, made_with = predictions_dir(profile, variant), made_with or {}
+    saved = read_json(folder / MADE_WITH) if (folder / MADE_WITH).exists() else {}
+    if (folder / "summary.json").exists() and saved == made_with:
         return load_evaluation(profile, data, variant)
-    return evaluate_variant(make_model(), data, profile, variant, single=single)
+    evaluation = evaluate_variant(make_model(), data, profile, variant, single=single)
+    write_json(folder / MADE_WITH, made_with)
+    return evaluation
 
 
 def static_ptq(profile, data, model, n_batches: int):
@@ -64,8 +74,11 @@ def ptq_replicate(profile, data, s: int, fp32: dict, cache, policies: dict[str, 
                       profile, data, cache, name, trained, policies[name], config).quantized}
         for variant in variants.replicated(name):
             # MASSIVE's single-utterance test is read for the fp32 models only (notebooks 02 and 04)
-            out[variant] = evaluated(profile, data, replicate_name(variant, s), makers[variants.lookup(variant).method],
-                                     single=variant == name)
+            method = variants.lookup(variant).method
+            made_with = {"precision": {"policy": policies[name], "search_steps": config.steps},
+                         "static": {"n_batches": n_batches}}.get(method, {})
+            out[variant] = evaluated(profile, data, replicate_name(variant, s), makers[method],
+                                     single=variant == name, made_with=made_with)
     return out
 
 

@@ -98,7 +98,9 @@ class StoredWeight(nn.Module):
 
 class PrecisionLinear(StoredWeight):
     """A frozen ``nn.Linear`` with its weight stored in ``bits``; the run-time path of the
-    paper: dequantize the weight, fake-quantize the input per tensor at the same bits, linear."""
+    paper: dequantize the weight, fake-quantize the input per tensor at the same bits, linear.
+    "Per tensor" is the whole input, padding included: one utterance's outputs depend a little
+    on its batch-mates (the batch's largest activation sets the step), as on the paper's path."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = True, per_channel: bool = True):
         super().__init__(out_features, in_features, bits, per_channel)

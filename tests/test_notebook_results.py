@@ -105,6 +105,11 @@ def test_04_distillation():
     assert r["steps_vs_baseline"] == pytest.approx(4.0, abs=0.05)
     assert {row["config"] for row in r["ablation"]} == {"full", "mean_fusion", "no_mse_crd", "ce_only"}
     assert all(0 <= row[m] <= 1 for row in r["ablation"] for m in ("id_acc", "dc_acc", "sf_f1"))
+    # the control at the main budget: paired by seed against the student and the baseline, six metrics each
+    control = r["control"]
+    assert {(row["a"], row["b"]) for row in control} == {("no_teachers", "kd"), ("baseline", "no_teachers")}
+    assert len(control) == 12 and all(row["n_a"] == SMOKE.train_seeds for row in control)
+    assert all(math.isnan(row["p_holm"]) or row["p_value"] <= row["p_holm"] <= 1 for row in control)
 
 
 def test_05_static_ptq():

@@ -485,3 +485,22 @@ def test_a_frozen_policy_saves_as_safetensors_and_reloads_exactly(tmp_path):
     fp32 = tmp_path / "fp32"
     model.save(fp32)
     assert artifact_size_mb(folder) < artifact_size_mb(fp32)
+
+
+def test_details_that_would_rebuild_another_model_are_refused_before_writing(tmp_path):
+    from compactnlu.quant import save_quantized
+
+    model = make_model()
+    groups = precision_groups(model, per_layer=True, embedding=True)
+    frozen = apply_policy(model, {g: 6 for g in groups}, groups)
+    right = {"policy": {g: 6 for g in groups}, "per_channel": True, "per_layer": True, "embedding": True}
+    with pytest.raises(ValueError, match="missing"):
+        save_quantized(frozen, tmp_path / "no_policy", "precision", {})
+    with pytest.raises(ValueError, match="does not describe the model"):  # loading would give 8-bit layers
+        save_quantized(frozen, tmp_path / "all_8", "precision", {**right, "policy": {g: 8 for g in groups}})
+    with pytest.raises(ValueError, match="does not describe the model"):
+        save_quantized(frozen, tmp_path / "per_tensor", "precision", {**right, "per_channel": False})
+    with pytest.raises(ValueError, match="does not fit"):
+        save_quantized(frozen, tmp_path / "unknown", "precision", {**right, "policy": {"layer9.mlp": 4}})
+    assert not any(tmp_path.iterdir())
+    assert save_quantized(frozen, tmp_path / "right", "precision", right).exists()

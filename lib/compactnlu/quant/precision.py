@@ -19,8 +19,9 @@ from torch import nn
 from ..artifacts import read_safetensors
 from ..model import MultiTaskNLU, NLUConfig
 from .common import TorchModelMethod, load_state
-from .groups import apply_policy, check_stored_integers, precision_groups
+from .groups import apply_policy, check_stored_integers, layer_bits, precision_groups
 from .method import DETAILS_FILE, skeleton, write_config
+from .stored import stored_layers
 
 # What quantization.json must record to rebuild the structure (besides the method's own details).
 STRUCTURE = ("policy", "per_channel", "per_layer", "embedding")
@@ -51,6 +52,26 @@ class PrecisionPTQ(TorchModelMethod):
     name = "precision"
     weights = "model.safetensors"
     quantize = staticmethod(export_policy)
+
+    def check(self, model: MultiTaskNLU, folder: Path, details: dict) -> None:
+        """Refuse details that could not rebuild ``model`` on load: a ``STRUCTURE`` field missing,
+        or a policy whose bits (or scale layout) are not the model's stored layers'."""
+        super().check(model, folder, details)
+        missing = [key for key in STRUCTURE if key not in details]
+        if missing:
+            raise ValueError(f"saving {folder}: the precision details must record {STRUCTURE}; missing {missing}")
+        try:
+            groups = precision_groups(model, per_layer=details["per_layer"], embedding=details["embedding"])
+            recorded = {name: (bits, bool(details["per_channel"]))
+                        for name, bits in layer_bits(details["policy"], groups).items()}
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"saving {folder}: the recorded policy does not fit the model: {error!r}") from None
+        stored = {name: (layer.bits, layer.per_channel) for name, layer in stored_layers(model).items()}
+        if recorded != stored:
+            differ = sorted(set(recorded.items()) ^ set(stored.items()))[0][0]
+            raise ValueError(f"saving {folder}: the recorded policy does not describe the model: {differ} is "
+                             f"{stored.get(differ, 'float')} (bits, per channel) in the model, "
+                             f"{recorded.get(differ, 'float')} in the details")
 
     def write(self, model: MultiTaskNLU, tmp: Path, details: dict) -> dict:
         write_config(model, tmp)

@@ -59,8 +59,8 @@ def _integer_graph(op: str, weights: np.ndarray) -> tuple[list, dict]:
     """``y = (x_q - x_zero) @ (w_q - w_zero) * x_scale * w_scale`` with x quantized by ``op``'s rule."""
     scale = np.float32(0.01)
     if op == "s8s8":  # the paper's rule: symmetric, to int8, no zero points
-        nodes = [helper.make_node("ReduceMax", ["x_abs"], ["x_max"], keepdims=0),
-                 helper.make_node("Abs", ["x"], ["x_abs"]),
+        nodes = [helper.make_node("Abs", ["x"], ["x_abs"]),
+                 helper.make_node("ReduceMax", ["x_abs"], ["x_max"], keepdims=0),
                  helper.make_node("Div", ["x_max", "q_max"], ["x_scale"]),
                  helper.make_node("Div", ["x", "x_scale"], ["x_div"]),
                  helper.make_node("Round", ["x_div"], ["x_round"]),

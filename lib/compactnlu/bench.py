@@ -29,10 +29,9 @@ from .config import PROFILES, load_profile
 from .cpu import cpu_model, has_vnni, isa_flags
 from .features import IGNORE, load_study_data
 from .interface import Decisions, NLUModel, decide
+from .quant import DETAILS_FILE, read_details
 from .quant.fast import kernel_summary
-from .quant.method import DETAILS_FILE
 from .quant.onnx_int8 import ORT_INT8
-from .quant.registry import read_details
 from .quant.stored import PrecisionLinear
 from .train import collator_for
 from .variants import load as load_variant

@@ -4,7 +4,7 @@ Seed ``s`` trains with ``train_seed + s`` (:func:`seeded`), so its models have c
 own; its variants are named ``baseline@seed1``, ``kd_static@seed2``, ... (:func:`replicate_name`;
 seed 0 keeps the plain names that notebooks 02-08 produce). Each replicate is evaluated by
 ``evaluation.evaluate_variant`` once and reloaded from its saved predictions afterwards, so Table 2,
-Table 3 and Welch's test in Table 4 all read the same numbers.
+Table 3 and the over-seed tests of Table 4 all read the same numbers.
 """
 
 from __future__ import annotations

@@ -261,7 +261,9 @@ def paired_over_seeds(values_a: pd.Series, values_b: pd.Series) -> dict:
 
 
 def holm(p_values) -> np.ndarray:
-    """Holm's step-down adjustment of a family of p-values (NaN left out of the family and kept)."""
+    """Holm's step-down adjustment of a family of p-values (NaN left out of the family and kept).
+    statsmodels' ``multipletests(method="holm")`` computes the same; it is not a dependency of
+    the study, and scipy has only Benjamini-Hochberg (``false_discovery_control``)."""
     p = np.asarray(p_values, dtype=np.float64)
     adjusted = np.full_like(p, np.nan)
     present = np.flatnonzero(~np.isnan(p))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from compactnlu import bench
+from compactnlu.artifacts import with_checksums
 from compactnlu.cpu import ASSUME_NO_VNNI, cpu_features, cpu_model, has_vnni, isa_flags
 from compactnlu.quant.method import FORMAT_VERSION
 
@@ -91,7 +92,7 @@ def test_environment_names_the_cpu_and_its_int8_features(real_cpu):
 def write_quantization(folder, **details):
     folder.mkdir(parents=True, exist_ok=True)
     record = {"format_version": FORMAT_VERSION, "method": "onnxruntime_dynamic", **details}
-    (folder / "quantization.json").write_text(json.dumps(record))
+    (folder / "quantization.json").write_text(json.dumps(with_checksums(record, folder, [])))  # sealed, as saved
     return folder
 
 

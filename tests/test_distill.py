@@ -579,7 +579,7 @@ def test_distill_student_saves_then_loads_and_fusion_weights(profile, data, teac
     distilled = distill_student(profile, data, teachers, num_train_epochs=1)
     assert distilled.path.parent == artifacts / "models" and distilled.path.name.startswith("kd-")
     assert sorted(p.name for p in distilled.path.iterdir()) == [
-        "config.json", "distill_heads.safetensors", "model.safetensors", "training.json"]
+        "config.json", "distill_heads.json", "distill_heads.safetensors", "model.safetensors", "training.json"]
     assert isinstance(distilled.model, MultiTaskNLU) and distilled.model.tasks == ("id", "dc", "sf")
     assert not distilled.model.training and not distilled.distiller.training
     info = json.loads((distilled.path / "training.json").read_text())

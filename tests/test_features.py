@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -250,3 +252,25 @@ def test_a_word_split_off_a_bare_metaspace_is_labelled_on_its_first_real_subword
     assert out["slot_labels"][0][1] == IGNORE
     assert out["slot_labels"][0][2] == tag_to_id["B-time"]
     assert sum(x != IGNORE for x in out["slot_labels"][0]) == 2
+
+
+def test_an_edited_label_list_or_tokenizer_file_is_refused_on_load(smoke):
+    """The label order and the tokenizer shape every model's inputs and outputs: both folders
+    record their files' SHA-256 and every load checks them."""
+    from compactnlu.features import load_study_data
+
+    data = build_study_data(smoke)
+    labels = next(p for p in (data.tokenizer_path.parent.parent / "features").glob("*/labels.json"))
+    original = labels.read_text(encoding="utf-8")
+    record = json.loads(original)
+    record["intents"] = record["intents"][::-1]  # same size, same names, another order
+    labels.write_text(json.dumps(record), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"labels\.json is corrupt or truncated"):
+        load_study_data(smoke)
+    labels.write_text(original, encoding="utf-8")
+    load_study_data(smoke)
+
+    tokenizer_file = next(p for p in data.tokenizer_path.iterdir() if p.suffix == ".json" and p.name != "integrity.json")
+    tokenizer_file.write_text(tokenizer_file.read_text(encoding="utf-8") + " ", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{tokenizer_file.name} is corrupt or truncated"):
+        load_study_data(smoke)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
+from compactnlu.artifacts import RECORD_DIGEST, record_digest
 from compactnlu.model import MultiTaskNLU, NLUConfig, pack_words
 
 ENCODER = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
@@ -228,6 +229,7 @@ def test_pretrained_model_saves_and_loads_without_the_original_folder(pretrained
     model.save(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["pretrained"] = str(tmp_path / "does-not-exist")  # load must not touch it
+    config[RECORD_DIGEST] = record_digest(config)  # as if saved so
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     loaded = MultiTaskNLU.load(tmp_path / "m")
     assert loaded.config.pretrained is None

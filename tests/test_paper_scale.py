@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from compactnlu import paper, paper_scale as ps, variants
+from compactnlu.artifacts import with_checksums
 from compactnlu.config import load_profile
 from compactnlu.paper_scale.build import fp32_build
 from compactnlu.quant import FORMAT_VERSION, precision_groups
@@ -74,8 +75,9 @@ def test_the_registered_kd_pcptq_policy_is_read(profile, tmp_path):
     folder = tmp_path / "kd_pcptq-artifact"
     folder.mkdir()
     policy = {"layer0.attention": 8, "layer0.mlp": 4, "head.id": 16, "head.dc": 16, "head.sf": 8, "embedding": 4}
-    (folder / "quantization.json").write_text(json.dumps(
-        {"format_version": FORMAT_VERSION, "method": "precision", "policy": policy, "per_layer": True, "embedding": True, "per_channel": True}))
+    record = {"format_version": FORMAT_VERSION, "method": "precision", "policy": policy, "per_layer": True,
+              "embedding": True, "per_channel": True}
+    (folder / "quantization.json").write_text(json.dumps(with_checksums(record, folder, [])))  # sealed, as saved
     variants.register(profile, "kd_pcptq", folder)
     chosen = ps.study_policy(profile)
     assert chosen.policy == policy and "notebook 07" in chosen.source

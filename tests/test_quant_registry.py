@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import compactnlu
 from compactnlu import variants
-from compactnlu.artifacts import CHECKSUMS
+from compactnlu.artifacts import CHECKSUMS, RECORD_DIGEST, record_digest
 from compactnlu.config import load_profile
 from compactnlu.model import MultiTaskNLU
 from compactnlu.quant import (DETAILS_FILE, FORMAT_VERSION, METHODS, QuantizationMethod, apply_policy,
@@ -48,9 +48,11 @@ def logits(model, batch) -> dict[str, torch.Tensor]:
 
 
 def edit_record(folder: Path, change) -> None:
+    """Change the record and seal it again, as a handler that wrote it so would have."""
     path = folder / DETAILS_FILE
     record = json.loads(path.read_text())
     change(record)
+    record[RECORD_DIGEST] = record_digest(record)
     path.write_text(json.dumps(record))
 
 
@@ -65,7 +67,7 @@ def test_saving_records_version_method_and_checksums_and_loads_back_exactly(meth
     record = read_details(folder)
     assert record["format_version"] == FORMAT_VERSION and record["method"] == method
     weights = "model.safetensors" if method == "precision" else "model.pt"
-    assert list(record[CHECKSUMS]) == [weights]
+    assert list(record[CHECKSUMS]) == ["config.json", weights]
     batch = make_batches(1, seed=7)[0]
     first, again = load_quantized(folder), load_quantized(folder)
     for key, value in logits(first, batch).items():

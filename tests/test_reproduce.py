@@ -220,3 +220,57 @@ def test_the_readme_override_syntax_still_works(monkeypatch):
                  "--set", "loss_weights=[10,3,1]", "--only", "01", "02"]) == 0
     assert calls == [("default", {"epochs": 5, "pooling": "mean", "loss_weights": [10, 3, 1]},
                       {"force": False, "only": ["01", "02"]})]
+
+
+def test_a_same_size_edit_of_an_output_runs_the_stage_again(tmp_path):
+    """The runner compares what a stage wrote by SHA-256, not by size."""
+    nb = write_notebook(tmp_path / "01_model.ipynb", MAKES_MODEL)
+    out = tmp_path / "runs"
+    run("smoke", notebooks=[nb], out_dir=out)
+    model = tmp_path / "artifacts" / "models" / "model.bin"
+    model.write_text("WEIGHTS")  # same size, other bytes
+    assert statuses(run("smoke", notebooks=[nb], out_dir=out)) == ["ran"]
+    assert model.read_text() == "weights"
+
+
+def test_a_second_runner_on_the_same_artifacts_folder_is_refused_naming_the_first(tmp_path):
+    import fcntl
+    import os
+
+    artifacts = tmp_path / "artifacts"
+    nb = write_notebook(tmp_path / "01_model.ipynb", MAKES_MODEL)
+    with reproduce.runner_lock(artifacts.resolve()):
+        with pytest.raises(reproduce.RunnerBusy, match=rf"another runner \(process {os.getpid()}\) is working on"):
+            run("smoke", notebooks=[nb], out_dir=tmp_path / "runs")
+        assert main(["--profile", "smoke", "--only", "99"]) == 2  # usage errors still come first
+    # released: the lock file is empty and can be taken again
+    lock = artifacts / reproduce.LOCK_FILE
+    assert lock.read_text() == ""
+    with open(lock) as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def test_a_stale_lock_from_a_killed_runner_is_cleared(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    artifacts = (tmp_path / "artifacts").resolve()
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from pathlib import Path; from compactnlu import reproduce\n"
+                               "with reproduce.runner_lock(Path(sys.argv[1])):\n"
+                               "    print('held', flush=True); time.sleep(60)", str(artifacts)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    nb = write_notebook(tmp_path / "01_model.ipynb", MAKES_MODEL)
+    with pytest.raises(reproduce.RunnerBusy, match=rf"process {holder.pid}\)"):
+        run("smoke", notebooks=[nb], out_dir=tmp_path / "runs")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    assert (artifacts / reproduce.LOCK_FILE).read_text() == str(holder.pid)  # left behind by the kill
+    start = time.monotonic()
+    assert statuses(run("smoke", notebooks=[nb], out_dir=tmp_path / "runs")) == ["ran"]
+    assert time.monotonic() - start < 60  # taken over, not waited on
+    assert f"cleared a stale lock on {artifacts} left by process {holder.pid}" in capsys.readouterr().err

@@ -60,11 +60,14 @@ def read_json(path: Path | str):
         raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
-# ---------------------------------------------------------------- checksums of saved weights
+# ---------------------------------------------------------------- checksums of saved models
 # A saved model records the SHA-256 of its weight files in the JSON beside them (``config.json``
-# or ``quantization.json``, under this key), and every load checks them first: a flipped byte
-# or a truncated copy is refused by name instead of loading into silently wrong outputs.
+# or ``quantization.json``, under "checksums"), and the SHA-256 of that JSON record itself
+# (under "record_sha256"), and every load checks both first: a flipped byte, a truncated copy or
+# a hand edit of the config (a reordered tag list, another pooling or activation) is refused by
+# name instead of loading into silently wrong outputs.
 CHECKSUMS = "checksums"
+RECORD_DIGEST = "record_sha256"
 RERUN = "delete the folder and re-run the notebook that made it"
 
 
@@ -76,13 +79,24 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def record_digest(record: dict) -> str:
+    """SHA-256 of ``record`` (less its own digest) as JSON reads it back: key order and
+    indentation do not count, every value does."""
+    body = {k: v for k, v in record.items() if k != RECORD_DIGEST}
+    canonical = json.loads(json.dumps(body, ensure_ascii=False, default=str))
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def with_checksums(record: dict, folder: Path | str, names: list[str]) -> dict:
-    """``record`` plus the SHA-256 of each of ``folder``'s files ``names`` under ``"checksums"``."""
-    return {**record, CHECKSUMS: {name: sha256_file(Path(folder) / name) for name in names}}
+    """``record`` plus the SHA-256 of each of ``folder``'s files ``names`` under "checksums",
+    sealed by the SHA-256 of the whole record under "record_sha256"."""
+    sealed = {**record, CHECKSUMS: {name: sha256_file(Path(folder) / name) for name in dict.fromkeys(names)}}
+    return {**sealed, RECORD_DIGEST: record_digest(sealed)}
 
 
-def verify_checksums(manifest: Path | str, names: list[str]) -> None:
-    """Check the files ``names`` beside ``manifest`` against the SHA-256 it records.
+def verify_checksums(manifest: Path | str, names: list[str]) -> dict:
+    """Check ``manifest`` against the digest it records and the files ``names`` beside it
+    against the SHA-256 it records; return the record.
 
     A folder saved before checksums were recorded is refused too (not loaded with a
     warning): saved models are keyed caches, so re-running the notebook that made one
@@ -90,8 +104,18 @@ def verify_checksums(manifest: Path | str, names: list[str]) -> None:
     """
     manifest = Path(manifest)
     record = read_json(manifest)
-    recorded = record.get(CHECKSUMS) if isinstance(record, dict) else None
-    for name in names:
+    if not isinstance(record, dict):
+        raise ValueError(f"{manifest}: a saved model's record is a JSON object, not {type(record).__name__}; {RERUN}")
+    sealed = record.get(RECORD_DIGEST)
+    if sealed is None:
+        raise ValueError(f"{manifest} records no {RECORD_DIGEST} (saved before its own content was checksummed); "
+                         f"{RERUN}")
+    if sealed != record_digest(record):
+        raise ValueError(f"{manifest} was changed after it was saved: its content no longer has the SHA-256 "
+                         f"{str(sealed)[:12]}... it records, so the model it describes would be rebuilt wrong; "
+                         f"{RERUN}")
+    recorded = record.get(CHECKSUMS)
+    for name in dict.fromkeys(names):
         path = manifest.parent / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; {RERUN}")
@@ -103,6 +127,33 @@ def verify_checksums(manifest: Path | str, names: list[str]) -> None:
         if actual != expected:
             raise ValueError(f"{path} is corrupt or truncated: its SHA-256 {actual[:12]}... differs from the "
                              f"{expected[:12]}... that {manifest.name} records; {RERUN}")
+    return record
+
+
+FOLDER_MANIFEST = "integrity.json"
+
+
+def seal_folder(folder: Path | str) -> None:
+    """Record the SHA-256 of every file below ``folder`` in its ``integrity.json`` (for folders
+    with no record of their own, such as a tokenizer's)."""
+    folder = Path(folder)
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != FOLDER_MANIFEST)
+    write_json(folder / FOLDER_MANIFEST, with_checksums({}, folder, names))
+
+
+def verify_folder(folder: Path | str) -> None:
+    """Check every file ``integrity.json`` records below ``folder``; a folder without one is refused."""
+    manifest = Path(folder) / FOLDER_MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} is missing (the folder was saved before its files were checksummed, "
+                                f"or was copied in part); {RERUN}")
+    record = verify_checksums(manifest, [])
+    verify_checksums(manifest, list(record.get(CHECKSUMS) or {}))
+
+
+def without_seal(record: dict) -> dict:
+    """A saved record's own fields, less the checksums and digest that :func:`with_checksums` added."""
+    return {k: v for k, v in record.items() if k not in (CHECKSUMS, RECORD_DIGEST)}
 
 
 def read_safetensors(path: Path | str) -> dict:

@@ -165,20 +165,34 @@ POOLINGS = ("max", "mean", "cls")
 _KNOWN_LOCALES = LOCALES + (GLOSS_LOCALE,)
 
 
-def _positive(v) -> bool:
-    return v > 0
+# XLM-R's position table: 514 rows, positions counted from padding_idx + 1 = 2, so 512 usable. A
+# from-scratch encoder's table is sized from max_length (pretrain.encoder_config), so it is held to
+# XLM-R's too: max_length=10**8 asked for a 12.8 GB table. A local model_name's config.json says its own.
+XLMR_POSITIONS, XLMR_PADDING_IDX = 514, 1
+MAX_BATCH_SIZE = 1_000_000  # far above any training split of the study (about 70k utterances)
 
 
-def _at_least_one(v) -> bool:
-    return v >= 1
+def encoder_positions(profile: "Profile") -> tuple[int, int, str]:
+    """The encoder's ``max_position_embeddings`` and ``padding_idx``, and where they come from."""
+    config = Path(profile.model_name or "") / "config.json"
+    if not profile.model_name or not config.is_file():
+        return XLMR_POSITIONS, XLMR_PADDING_IDX, profile.model_name or "the XLM-R architecture"
+    encoder = json.loads(config.read_text())
+    return encoder.get("max_position_embeddings", XLMR_POSITIONS), encoder.get("pad_token_id", XLMR_PADDING_IDX), \
+        str(config)
 
 
-def _seed(v) -> bool:
-    return 0 <= v < 2**32  # numpy's and torch's seed range
+def max_length_limit(profile: "Profile") -> int:
+    """The longest input the encoder's position table holds (512 for XLM-R)."""
+    positions, padding_idx, _ = encoder_positions(profile)
+    return positions - padding_idx - 1
 
 
-def _none_or_name(v) -> bool:
-    return v is None or v.strip() != ""
+# Range checks of a value of the right type; a seed's is numpy's and torch's.
+def _positive(v) -> bool: return v > 0
+def _at_least_one(v) -> bool: return v >= 1
+def _seed(v) -> bool: return 0 <= v < 2**32
+def _none_or_name(v) -> bool: return v is None or v.strip() != ""
 
 
 # field -> (check of a value of the right type, the allowed range in words)
@@ -196,7 +210,7 @@ FIELD_RANGES: dict[str, tuple[typing.Callable, str]] = {
     "seed": (_seed, "0 <= seed < 2**32"),
     "tokenizer_name": (_none_or_name, "null or a non-empty name"),
     "vocab_size": (lambda v: v > SPECIAL_TOKEN_COUNT, f"> {SPECIAL_TOKEN_COUNT} (the special tokens)"),
-    "max_length": (lambda v: v >= 8, ">= 8"),
+    "max_length": (lambda v: v >= 8, ">= 8"),  # and at most max_length_limit(profile), in validate
     "model_name": (_none_or_name, "null or a non-empty name"),
     "hidden_size": (_at_least_one, ">= 1 and divisible by num_heads"),
     "num_layers": (_at_least_one, ">= 1"),
@@ -207,11 +221,12 @@ FIELD_RANGES: dict[str, tuple[typing.Callable, str]] = {
     "loss_weights": (lambda v: min(v) >= 0 and max(v) > 0, "three weights (ID, DC, SF), each >= 0, not all 0"),
     "mlm_epochs": (lambda v: v >= 0, ">= 0 (0: no pre-training)"),
     "mlm_learning_rate": (_positive, "> 0"),
-    "mlm_batch_size": (_at_least_one, ">= 1"),
+    "mlm_batch_size": (lambda v: 1 <= v <= MAX_BATCH_SIZE, f">= 1 and <= {MAX_BATCH_SIZE}"),
     "epochs": (_positive, "> 0"),
     "teacher_epochs": (_positive, "> 0"),
     "learning_rate": (_positive, "> 0"),
-    "batch_size": (_at_least_one, ">= 1"),
+    # the step count a batch size gives is checked where the training set is known (trainer.check_steps)
+    "batch_size": (lambda v: 1 <= v <= MAX_BATCH_SIZE, f">= 1 and <= {MAX_BATCH_SIZE}"),
     "warmup_ratio": (lambda v: 0 <= v < 1, "0 <= warmup_ratio < 1"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "train_seed": (_seed, "0 <= train_seed < 2**32"),
@@ -240,6 +255,12 @@ def validate(profile: Profile) -> None:
         value = getattr(profile, name)
         if not check(value):
             refuse(name, value, f"is out of range; allowed: {allowed}")
+    limit = max_length_limit(profile)
+    if profile.max_length > limit:
+        positions, padding_idx, source = encoder_positions(profile)
+        refuse("max_length", profile.max_length,
+               f"is out of range; allowed: 8 <= max_length <= {limit} (the encoder's position table, "
+               f"{positions} positions from {source}, less padding_idx + 1 = {padding_idx + 1})")
     if profile.hidden_size % profile.num_heads:
         refuse("hidden_size", profile.hidden_size, f"is out of range; allowed: a multiple of num_heads "
                                                    f"({profile.num_heads})")
@@ -278,8 +299,8 @@ PROFILES: dict[str, Profile] = {
     # All of MASSIVE for the six locales, an encoder trained from scratch on a 2-core CPU.
     "default": Profile(name="default"),
     # The paper's set-up: xlm-roberta-base and its hyperparameters (its student's shorter schedule
-    # included), for a GPU machine. It keeps
-    # the default loss_weights: our losses have the same per-label and per-word scales there.
+    # included), for a GPU machine. It keeps the default loss_weights: our losses have the same
+    # per-label and per-word scales there.
     "paper": Profile(
         name="paper",
         tokenizer_name="xlm-roberta-base",

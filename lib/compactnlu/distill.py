@@ -35,6 +35,7 @@ labels, SF's a mean over words; see ``Profile.loss_weights``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from . import train
-from .artifacts import read_json, read_safetensors
+from .artifacts import read_json, read_safetensors, verify_checksums, with_checksums, write_json
 from .cachekeys import artifact_dir
 from .config import uses_mlm
 from .features import IGNORE
@@ -60,6 +61,12 @@ from .kd_losses import (TeacherFusion, adaptive_temperature, contrastive_loss, f
 from .teacher_cache import by_length, cached_teacher_outputs
 from .train import collator_for, model_details, nlu_config, result_overrides
 from .trainer import fit_and_save, training_arguments
+
+log = logging.getLogger(__name__)
+
+# The fusion and projection heads, beside the student, with the record of their SHA-256.
+HEADS = "distill_heads.safetensors"
+HEADS_RECORD = "distill_heads.json"
 
 # Which teachers know each task.
 TASK_TEACHERS = {"id": ("teacher_idsf", "teacher_iddc"), "dc": ("teacher_iddc", "teacher_dcsf"),
@@ -250,7 +257,8 @@ def distill_student(profile, data, teachers: dict, config: DistillConfig | None 
 
     ``student_overrides``: profile fields that size the student (default: the baseline's
     architecture, as in the paper). Epochs and learning rate are the profile's
-    ``kd_epochs`` and ``kd_learning_rate``.
+    ``kd_epochs`` and ``kd_learning_rate``. An interrupted run resumes from its last checkpoint
+    that reads back whole, as ``train_model`` does; ``retrain`` starts again from step 0.
     """
     config = config or DistillConfig()
     student_profile = dataclasses.replace(profile, **(student_overrides or {}))
@@ -267,7 +275,8 @@ def distill_student(profile, data, teachers: dict, config: DistillConfig | None 
     if final.exists() and not retrain:
         student = MultiTaskNLU.load(final, labels=data.labels)
         distiller = Distiller(student, config, teacher_hidden_size(cache))
-        distiller.load_state_dict(read_safetensors(final / "distill_heads.safetensors"), strict=False)
+        verify_checksums(final / HEADS_RECORD, [HEADS])
+        distiller.load_state_dict(read_safetensors(final / HEADS), strict=False)
         info = read_json(final / "training.json")
         return DistilledModel(student, distiller.eval(), final, info["history"], info["train_seconds"])
 
@@ -276,17 +285,24 @@ def distill_student(profile, data, teachers: dict, config: DistillConfig | None 
     set_seed(profile.train_seed)
     student = MultiTaskNLU(student_config)
     distiller = Distiller(student, config, teacher_hidden_size(cache))
+    checkpoints = profile.artifacts_dir / "checkpoints" / final.name
     trainer = train.StudyTrainer(model=distiller,
-                      args=training_arguments(student_profile, profile.artifacts_dir / "checkpoints" / final.name,
-                                              **overrides),
+                      args=training_arguments(student_profile, checkpoints, **overrides),
                       train_dataset=attach_rows(data.features["train"]), eval_dataset=data.features["dev"],
                       data_collator=DistillCollator(collator, cache))
     def save(folder: Path) -> None:
         student.save(folder)
         heads = {k: v.detach().contiguous() for k, v in distiller.state_dict().items() if not k.startswith("student.")}
-        save_file(heads, folder / "distill_heads.safetensors")
+        save_file(heads, folder / HEADS)
+        write_json(folder / HEADS_RECORD, with_checksums({"distill_config": asdict(config)}, folder, [HEADS]))
 
-    history, seconds = fit_and_save(trainer, final, save, info={"distill_config": asdict(config)})
+    # The Trainer's model is the whole Distiller, so its checkpoints hold the fusion and projection
+    # heads too, beside the optimizer, scheduler and RNG states: a resumed run ends where an
+    # uninterrupted one would.
+    resume = train.last_good_checkpoint(checkpoints) if checkpoints.exists() and not retrain else None
+    if resume:
+        log.info("resuming %s from %s", name, resume)
+    history, seconds = fit_and_save(trainer, final, save, resume, info={"distill_config": asdict(config)})
     student.eval()
     return DistilledModel(student, distiller.eval(), final, history, seconds)
 

@@ -22,11 +22,11 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, XLMRobertaTokenizer
 
 from . import synthetic
-from .artifacts import atomic_dir, read_json, write_json
+from .artifacts import atomic_dir, read_json, seal_folder, verify_folder, write_json
 from .compose import LabelSpace, compose, singles
 from .cachekeys import artifact_dir
 from .config import Profile
-from .massive import load_massive
+from .massive import PARTITIONS, load_massive
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,8 @@ class StudyData:
 
 
 def _paths(profile: Profile) -> tuple[Path, Path]:
+    if profile.synthetic_data:
+        synthetic.note_massive_dir_ignored(profile.data_dir)
     return artifact_dir(profile, "tokenizer", ""), artifact_dir(profile, "features", "")
 
 
@@ -143,7 +145,8 @@ def load_records(profile: Profile, locales=None) -> datasets.Dataset:
     if profile.synthetic_data:
         synthetic.ensure_corpus(profile.data_dir)
     return load_massive(profile.data_dir, tuple(locales or profile.locales),
-                        verify=profile.verify_checksums, max_per_partition=profile.max_utterances_per_partition)
+                        verify=profile.verify_checksums, max_per_partition=profile.max_utterances_per_partition,
+                        require_partitions=PARTITIONS)
 
 
 def _encode_split(ds: datasets.Dataset, tokenizer, labels: LabelSpace, max_length: int, desc: str):
@@ -176,24 +179,24 @@ def build_study_data(profile: Profile, rebuild: bool = False) -> StudyData:
                        per_utterance=profile.composed_per_utterance, seed=profile.seed)
     composed["test_single"] = singles(records, "test")
 
-    if profile.tokenizer_name:
-        tokenizer = load_tokenizer(profile.tokenizer_name)
+    if profile.tokenizer_name or not tok_dir.exists() or rebuild:
+        tokenizer = load_tokenizer(profile.tokenizer_name) if profile.tokenizer_name else \
+            train_tokenizer(composed["train"]["utt"], profile.vocab_size)
         with atomic_dir(tok_dir) as tmp:
             tokenizer.save_pretrained(tmp)
-    elif not tok_dir.exists() or rebuild:
-        tokenizer = train_tokenizer(composed["train"]["utt"], profile.vocab_size)
-        with atomic_dir(tok_dir) as tmp:
-            tokenizer.save_pretrained(tmp)
+            seal_folder(tmp)
+    verify_folder(tok_dir)
     tokenizer = load_tokenizer(tok_dir)
 
     features = datasets.DatasetDict({
         split: _encode_split(composed[split], tokenizer, labels, profile.max_length, f"tokenize {split}")
         for split in SPLITS})
-    report = _report(records, features)
+    report = _report(records, features, profile.locales)
     with atomic_dir(feat_dir) as tmp:
         features.save_to_disk(str(tmp / "dataset"))
         labels.save(tmp / "labels.json")
         write_json(tmp / "report.json", report)
+        seal_folder(tmp)
     return load_study_data(profile)
 
 
@@ -201,16 +204,24 @@ def load_study_data(profile: Profile) -> StudyData:
     tok_dir, feat_dir = _paths(profile)
     if not feat_dir.exists():
         raise FileNotFoundError(f"no dataset for this profile at {feat_dir}; run notebooks/01_data.ipynb first")
+    # The labels' order and the tokenizer shape every model's inputs and outputs: checked like weights.
+    verify_folder(feat_dir)
+    verify_folder(tok_dir)
+    report = read_json(feat_dir / "report.json")
+    # A report saved before "locales" was recorded: its counts name the locales that ran.
+    report.setdefault("locales", list(dict.fromkeys(row["locale"] for row in report["counts"])))
     return StudyData(
         features=datasets.load_from_disk(str(feat_dir / "dataset")),
         labels=LabelSpace.load(feat_dir / "labels.json"),
         tokenizer=load_tokenizer(tok_dir),
         tokenizer_path=tok_dir,
-        report=read_json(feat_dir / "report.json"),
+        report=report,
     )
 
 
-def _report(records: datasets.Dataset, features: datasets.DatasetDict) -> dict:
+def _report(records: datasets.Dataset, features: datasets.DatasetDict, requested) -> dict:
+    """Counts per locale and split, and the locales the study ran on (a lenient load may leave some out)."""
+    ran_on = list(dict.fromkeys(records["locale"]))
     utterances = records.to_pandas().groupby(["locale", "partition"]).size()
     rows = []
     for split in ("train", "dev", "test"):
@@ -223,7 +234,8 @@ def _report(records: datasets.Dataset, features: datasets.DatasetDict) -> dict:
                 "truncated_examples": int((group["truncated_words"] > 0).sum()),
                 "truncated_words": int(group["truncated_words"].sum()),
             })
-    return {"counts": rows}
+    return {"locales": ran_on, "left_out_locales": [loc for loc in requested if loc not in ran_on],
+            "counts": rows}
 
 
 # ---------------------------------------------------------------- batches

@@ -10,6 +10,8 @@ timing (``bench.infer``), the fast kernels' check (``quant.fast.agreement``) and
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -67,9 +69,20 @@ class Decisions:
     slots: list[list[int]] | None = None
 
 
+def check_threshold(threshold) -> float:
+    """``threshold`` as a float; anything but a finite number in (0, 1) is a ValueError: at 0 or
+    below every label is chosen, at 1 or above none is, and NaN chooses none silently."""
+    if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+            or not math.isfinite(threshold) or not 0 < threshold < 1):
+        raise ValueError(f"threshold={threshold!r} is out of range; allowed: a finite number "
+                         f"with 0 < threshold < 1")
+    return float(threshold)
+
+
 def choose_labels(probs: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
     """The multi-label rule: every label with probability at least ``threshold``, and the most
     probable one (the first, on a tie) where none is. Boolean ``[B, L]``; ``probs`` is left as is."""
+    threshold = check_threshold(threshold)
     chosen = probs >= threshold
     chosen[torch.arange(len(probs)), probs.argmax(1)] |= ~chosen.any(1)
     return chosen
@@ -89,6 +102,7 @@ def decide(output: NLUOutput, word_mask: torch.Tensor | None, model: NLUModel,
            threshold: float = THRESHOLD) -> Decisions:
     """The study's decisions from one batch's ``output`` of ``model``: ID and DC label sets by
     :func:`choose_labels` on the sigmoids, SF by ``model.decode_slots`` over ``word_mask``."""
+    threshold = check_threshold(threshold)  # also for a model without ID and DC heads
     return Decisions(
         intents=None if output.intent_logits is None else choose_labels(torch.sigmoid(output.intent_logits), threshold),
         domains=None if output.domain_logits is None else choose_labels(torch.sigmoid(output.domain_logits), threshold),

@@ -43,6 +43,14 @@ class MassiveFormatError(ValueError):
         super().__init__(f"{path}:{line}: {reason}")
 
 
+class IncompleteLocaleError(ValueError):
+    """A requested locale whose file is empty or lacks a partition; ``str()`` names the file."""
+
+    def __init__(self, path: Path | str, locale: str, reason: str):
+        self.path, self.locale, self.reason = Path(path), locale, reason
+        super().__init__(f"{path}: {reason}")
+
+
 class AnnotationError(ValueError):
     """An ``annot_utt`` string that is not well formed (raised without file context)."""
 
@@ -206,15 +214,25 @@ def _check_new_id(rec: dict, number: int, first_seen: dict[str, tuple[int, str]]
 
 def load_massive(massive_dir: Path | str, locales, *, verify: bool = True, strict: bool = True,
                  max_per_partition: int | None = None, allow_download: bool = True,
-                 dropped: list[DroppedLine] | None = None) -> datasets.Dataset:
+                 dropped: list[DroppedLine] | None = None,
+                 require_partitions: tuple[str, ...] = ()) -> datasets.Dataset:
     """Every record of ``locales`` as one :class:`datasets.Dataset` (columns in ``FEATURES``).
 
+    A locale with no records, or none in one of ``require_partitions``, raises
+    :class:`IncompleteLocaleError`; with ``strict=False`` it is left out with a warning naming
+    its file, so every locale in the result has every required partition.
     ``max_per_partition`` keeps the first N records of each locale and partition, in file order.
     """
     paths = locate(massive_dir, tuple(locales), verify=verify, allow_download=allow_download)
     rows: list[dict] = []
     for loc in tqdm(locales, desc="parse MASSIVE", leave=False):
         records = read_locale_file(paths[loc], loc, strict=strict, dropped=dropped)
+        problem = _incompleteness(paths[loc], loc, records, require_partitions)
+        if problem:
+            if strict:
+                raise IncompleteLocaleError(paths[loc], loc, problem)
+            log.warning("%s: %s; leaving %s out", paths[loc], problem, loc)
+            continue
         if max_per_partition is not None:
             seen: dict[str, int] = {}
             for rec in records:
@@ -224,6 +242,20 @@ def load_massive(massive_dir: Path | str, locales, *, verify: bool = True, stric
         else:
             rows.extend(records)
     return rows_to_dataset(rows, FEATURES)
+
+
+def _incompleteness(path: Path, locale: str, records: list[dict], partitions) -> str | None:
+    """Why ``records`` cannot stand for ``locale`` (None if they can)."""
+    way_out = (f"replace it with 1.1/data/{locale}.jsonl of the official MASSIVE 1.1 release, "
+               f"or leave {locale} out of the locales")
+    if not records:
+        empty = not path.read_bytes().strip()
+        return f"{'the file is empty' if empty else 'every line was dropped'}: no {locale} records; {way_out}"
+    present = {rec["partition"] for rec in records}
+    missing = [p for p in partitions if p not in present]
+    if missing:
+        return f"no {locale} records in {', '.join(missing)} (needed: {', '.join(partitions)}); {way_out}"
+    return None
 
 
 def rows_to_dataset(rows: list[dict], features: datasets.Features) -> datasets.Dataset:

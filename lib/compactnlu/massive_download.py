@@ -8,6 +8,7 @@ import logging
 import os
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 import zlib
 from contextlib import contextmanager
@@ -43,6 +44,10 @@ MASSIVE_LOCALES = (
 
 class ArchiveError(ValueError):
     """A MASSIVE tarball or download that is truncated, corrupt or unsafe; ``str()`` names it."""
+
+
+class DownloadError(OSError):
+    """MASSIVE is not on disk and could not be downloaded; ``str()`` says where to put it by hand."""
 
 
 def download(url: str, dest: Path | str) -> Path:
@@ -119,7 +124,9 @@ def _is_wanted(member: tarfile.TarInfo, tarball, dest: Path, members: set[str] |
     if not (dest / member.name).resolve().is_relative_to(dest):
         raise ArchiveError(f"{tarball}: member {member.name!r} would be written outside {dest}")
     if member.issym() or member.islnk() or member.isdev():
-        raise ArchiveError(f"{tarball}: member {member.name!r} is a link or device; refusing it")
+        raise ArchiveError(f"{tarball}: member {member.name!r} is a link or device; refusing it: the official "
+                           f"{TARBALL_NAME} holds 1.1/data/<locale>.jsonl as regular files, so replace "
+                           f"this archive with the one from {OFFICIAL_URL}")
     return not member.isdir() and (members is None or member.name in members)
 
 
@@ -148,6 +155,8 @@ def locate(massive_dir: Path | str, locales: tuple[str, ...] | list[str], *, ver
     """
     root = Path(massive_dir)
     checksums = OFFICIAL_SHA256 if checksums is None else checksums
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(_not_a_folder_message(root))
 
     def found() -> dict[str, Path]:
         out = {}
@@ -169,15 +178,24 @@ def locate(massive_dir: Path | str, locales: tuple[str, ...] | list[str], *, ver
                 raise ValueError(f"unknown locale(s) {', '.join(unknown)}{_did_you_mean(unknown, MASSIVE_LOCALES)}"
                                  f"; not downloading: MASSIVE 1.1 has {', '.join(MASSIVE_LOCALES)}")
             log.info("MASSIVE not found in %s; downloading %s", root, url)
-            download(url, tarball)
+            try:
+                download(url, tarball)
+            except OSError as err:  # URLError included: offline, DNS, HTTP errors
+                raise DownloadError(_download_failed_message(root, url, err)) from None
         with _open_tarball(tarball) as archive:
-            names = {m.name for m in archive.getmembers() if m.isfile()}
+            members = archive.getmembers()
             _read_to_end(archive)
+        for member in members:
+            # A link is refused here, before the locale check, which would only see it as missing.
+            _is_wanted(member, tarball, root.resolve(), None)
+        names = {m.name for m in members if m.isfile()}
         in_tar = {Path(n).stem for n in names if n.endswith(".jsonl")}
         unknown = [loc for loc in locales if loc not in in_tar]
         if unknown:
+            have = (f"available: {', '.join(sorted(in_tar))}" if in_tar
+                    else "it holds no <locale>.jsonl at all (the official one holds 1.1/data/<locale>.jsonl)")
             raise ValueError(f"unknown locale(s) {', '.join(unknown)}{_did_you_mean(unknown, in_tar)} in {tarball}; "
-                             f"available: {', '.join(sorted(in_tar))}")
+                             + have)
         wanted = {n for n in names if Path(n).stem in locales and n.endswith(".jsonl")}
         safe_extract(tarball, root, members=wanted)
         paths = found()
@@ -193,6 +211,25 @@ def locate(massive_dir: Path | str, locales: tuple[str, ...] | list[str], *, ver
             if actual != expected:
                 raise ValueError(f"{path}: SHA-256 {actual} does not match the official {expected}")
     return paths
+
+
+def _not_a_folder_message(root: Path) -> str:
+    hint = (f"; set MASSIVE_DIR to the folder that holds it, {root.parent}" if root.name == TARBALL_NAME
+            else "; set MASSIVE_DIR (or the profile's massive_dir) to such a folder")
+    return (f"the MASSIVE folder {root} is a file, not a folder: expected a folder holding "
+            f"1.1/data/<locale>.jsonl or the official tarball {TARBALL_NAME}{hint}")
+
+
+def _download_failed_message(root: Path, url: str, err: OSError) -> str:
+    if isinstance(err, urllib.error.HTTPError):
+        why = f"HTTP {err.code} {err.reason}"
+    else:
+        # URLError wraps the socket error; its strerror reads without the "[Errno -2]".
+        reason = getattr(err, "reason", err)
+        why = getattr(reason, "strerror", None) or str(reason)
+    return (f"MASSIVE 1.1 is not in {root} (no 1.1/data/<locale>.jsonl, no {TARBALL_NAME}) and downloading "
+            f"{url} failed ({why}); download it by hand to {root / TARBALL_NAME}, or set MASSIVE_DIR to a "
+            f"folder that holds 1.1/data/<locale>.jsonl")
 
 
 def _missing_message(root: Path, locales, paths) -> str:

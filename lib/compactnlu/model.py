@@ -7,8 +7,8 @@ forbidden BIO transitions (start or O -> I-x; B-y or I-y -> I-x for another type
 I-x -> B-x, as MASSIVE keeps one slot label per word and reads two adjacent spans of one type
 as one) are masked out.
 
-Saved as ``model.safetensors`` plus ``config.json`` (which records the weights' SHA-256);
-loading runs no pickle, verifies the checksum and validates the config.
+Saved as ``model.safetensors`` plus ``config.json`` (label names, the weights' SHA-256 and its
+own); loading runs no pickle, verifies both checksums and validates the config.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
-from .artifacts import CHECKSUMS, RERUN, read_json, read_safetensors, verify_checksums, with_checksums, write_json
+from .artifacts import RERUN, read_json, read_safetensors, verify_checksums, with_checksums, without_seal, write_json
 from .features import IGNORE
 from .interface import NLUOutput
 
@@ -54,6 +54,10 @@ class NLUConfig:
     pooling: str = "mean"  # "mean" or "max" over tokens, or "cls" (XLM-R's pooler on <s>)
     encoder: dict = field(default_factory=dict)  # XLMRobertaConfig fields
     pretrained: str | None = None  # load the encoder with from_pretrained (name or path)
+    # The names behind the intent and domain outputs, in output order (empty: not recorded), so
+    # a saved model maps its outputs to labels without the data beside it.
+    intents: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -70,15 +74,19 @@ class NLUConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, count in (("intents", self.n_intents), ("domains", self.n_domains)):
+            names = getattr(self, name)
+            if isinstance(names, str) or not all(isinstance(n, str) for n in names) or \
+                    names and (len(names) != count or len(set(names)) != count):
+                raise ValueError(f"{name} must name each of the {count} outputs once, got {names!r}")
+            setattr(self, name, tuple(names))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "NLUConfig":
-        fields = json.loads(text)
-        fields.pop(CHECKSUMS, None)  # a saved model's config.json also records its weights' SHA-256
-        return cls(**fields)
+        return cls(**without_seal(json.loads(text)))  # a saved config.json also records SHA-256s
 
     @classmethod
     def read(cls, path: Path | str) -> "NLUConfig":
@@ -87,21 +95,25 @@ class NLUConfig:
         fields = read_json(path)
         if not isinstance(fields, dict):
             raise ValueError(f"{path}: a model config is a JSON object, not {type(fields).__name__}")
-        fields.pop(CHECKSUMS, None)
         try:
-            return cls(**fields)
+            return cls(**without_seal(fields))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: invalid model config: {error}") from None
 
     def check_labels(self, labels, source: Path | str) -> None:
         """Refuse a model for another label space: ``labels`` (the data's ``LabelSpace``) must give
-        the same tags in the same order and as many intents and domains. ``source`` names the config."""
+        the same tags in the same order, as many intents and domains and, where the config
+        records their names, the same names in the same order. ``source`` names the config."""
         problems = []
         if self.tags != tuple(labels.tags):
             problems.append(f"tags {list(self.tags)}, the data's are {list(labels.tags)}")
-        for name, data_labels in (("n_intents", labels.intents), ("n_domains", labels.scenarios)):
-            if getattr(self, name) != len(data_labels):
-                problems.append(f"{name}={getattr(self, name)}, the data has {len(data_labels)}")
+        for name, data_labels in (("intents", labels.intents), ("domains", labels.scenarios)):
+            count, names = getattr(self, f"n_{name}"), getattr(self, name)
+            if count != len(data_labels):
+                problems.append(f"n_{name}={count}, the data has {len(data_labels)}")
+            elif names and names != tuple(data_labels):
+                i = next(i for i, (a, b) in enumerate(zip(names, data_labels)) if a != b)
+                problems.append(f"{name} differ from the data's at position {i} ({names[i]!r}, the data's {data_labels[i]!r})")
         if problems:
             raise ValueError(f"{source} does not fit the data's labels: {'; '.join(problems)}; {RERUN}")
 
@@ -329,14 +341,14 @@ class MultiTaskNLU(nn.Module):
 
     @classmethod
     def load(cls, folder: Path | str, labels=None) -> "MultiTaskNLU":
-        """The model saved in ``folder``, its weights checked against the recorded SHA-256 and
-        for NaN/inf. ``labels``, the data's ``LabelSpace``, makes a model for other labels an error."""
+        """The model saved in ``folder``, its config and weights checked against the recorded SHA-256
+        and its weights for NaN/inf. ``labels``, the data's ``LabelSpace``, makes a model for other labels an error."""
         folder = Path(folder)
         config_file = folder / "config.json"
+        verify_checksums(config_file, [WEIGHTS])  # the config too: an edited one is refused before it is read
         config = NLUConfig.read(config_file)
         if labels is not None:
             config.check_labels(labels, config_file)
-        verify_checksums(config_file, [WEIGHTS])
         state = read_safetensors(folder / WEIGHTS)
         assert_finite(state, str(folder / WEIGHTS))
         config.pretrained = None  # the weights below replace whatever from_pretrained would load

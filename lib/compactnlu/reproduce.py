@@ -5,15 +5,22 @@
 Executed copies go to ``runs/<profile>/``. A notebook counts as finished, and is skipped on
 the next call, only if it ran with the same source, parameters and artifacts folder, its
 executed copy reads back without an error in it, and every file it wrote under the artifacts
-and figures folders is still there with the size it was left at; so an interrupted run resumes
-where it stopped. ``--force`` runs everything again. The first failure stops the run, names
-the notebook and the cell, and keeps the executed copy with the traceback as
-``<notebook>.failed.ipynb``.
+and figures folders is still there with the SHA-256 it was left with (a same-size edit counts);
+so an interrupted run resumes where it stopped. ``--force`` runs everything again. The first
+failure stops the run, names the notebook and the cell, and keeps the executed copy with the
+traceback as ``<notebook>.failed.ipynb``.
+
+One runner works on an artifacts folder at a time: a second one started on the same folder
+refuses, naming the first one's process id. The lock is an ``flock`` on ``.runner.lock`` in
+that folder, which the system releases when its holder dies, so a lock left by a killed run
+is taken over (and said so), never waited on.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -27,7 +34,7 @@ import pandas as pd
 import papermill as pm
 from papermill.exceptions import PapermillExecutionError
 
-from .artifacts import write_json, write_table
+from .artifacts import sha256_file, write_json, write_table
 from .config import ROOT, load_profile, parse_override
 
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -123,23 +130,24 @@ def _why_rerun(entry: dict | None, digest: str, artifacts: str, executed: Path) 
     outputs = entry.get("outputs")
     if not isinstance(outputs, dict):
         return "no record of the files it wrote"
-    changed = [path for path, size in outputs.items() if not _has_size(Path(path), size)]
+    changed = [path for path, digest in outputs.items() if _sha256(Path(path)) != digest]
     if changed:
         return f"{len(changed)} of the {len(outputs)} files it wrote are missing or changed, e.g. {changed[0]}"
     return None
 
 
-def _has_size(path: Path, size) -> bool:
+def _sha256(path: Path) -> str | None:
     try:
-        return path.stat().st_size == size
+        return sha256_file(path)
     except OSError:
-        return False
+        return None
 
 
-def _record_outputs(state: dict, name: str, before: dict, after: dict) -> dict[str, int]:
-    """The files stage ``name`` created or changed (path -> size). Files an earlier stage wrote and
-    this one changed or removed are brought up to date in that stage's record, so a table several
-    stages add rows to does not send the earlier ones back to run."""
+def _record_outputs(state: dict, name: str, before: dict, after: dict) -> dict[str, str]:
+    """The files stage ``name`` created or changed (path -> SHA-256). Files an earlier stage wrote
+    and this one changed or removed are brought up to date in that stage's record, so a table
+    several stages add rows to does not send the earlier ones back to run."""
+    changed = {path: _sha256(Path(path)) for path, stat in after.items() if before.get(path) != stat}
     for other, entry in state.items():
         outputs = entry.get("outputs")
         if other == name or not isinstance(outputs, dict):
@@ -147,9 +155,9 @@ def _record_outputs(state: dict, name: str, before: dict, after: dict) -> dict[s
         for path in list(outputs):
             if path in before and path not in after:
                 del outputs[path]
-            elif path in after and before.get(path) != after[path]:
-                outputs[path] = after[path][0]
-    return {path: stat[0] for path, stat in after.items() if before.get(path) != stat}
+            elif path in changed:
+                outputs[path] = changed[path]
+    return changed
 
 
 def _execute(notebook: Path, executed: Path, parameters: dict) -> None:
@@ -173,22 +181,74 @@ def _execute(notebook: Path, executed: Path, parameters: dict) -> None:
         running.unlink(missing_ok=True)  # interrupted: no half-written copy is left behind
 
 
+class RunnerBusy(RuntimeError):
+    """Another runner holds the artifacts folder."""
+
+
+LOCK_FILE = ".runner.lock"
+
+
+@contextlib.contextmanager
+def runner_lock(artifacts_dir: Path):
+    """Hold ``artifacts_dir``'s runner lock for the block, or raise ``RunnerBusy`` naming the holder.
+
+    ``flock`` is released by the system when its holder exits, however it exits (``kill -9``
+    included), so a lock file left behind with no holder is stale and is taken over."""
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    path = artifacts_dir / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunnerBusy(f"another runner (process {holder}) is working on {artifacts_dir}; wait for it "
+                             f"to finish, or stop it, then run again (two runners would each run every "
+                             f"stage)") from None
+        handle.seek(0)
+        stale = handle.read().strip()
+        if stale:
+            print(f"reproduce: cleared a stale lock on {artifacts_dir} left by process {stale}, which is no "
+                  f"longer running", file=sys.stderr)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()  # empty: released cleanly, not stale
+            handle.flush()
+    finally:
+        handle.close()  # closing releases the flock
+
+
 def run(profile: str = "default", overrides: dict | None = None, *, force: bool = False,
         only: list[str] | None = None, notebooks: list[Path] | None = None,
         out_dir: Path | None = None) -> pd.DataFrame:
-    """Execute the notebooks; returns a table of notebook, status and seconds."""
+    """Execute the notebooks, holding the artifacts folder's runner lock; returns a table of
+    notebook, status and seconds."""
     config = load_profile(profile, overrides)  # fail early on a bad profile or override
     chosen = selected_notebooks(notebooks or numbered_notebooks(), only)
+    with runner_lock(config.artifacts_dir.resolve()):
+        return _run(config, profile, overrides, chosen, force=force, custom=notebooks is not None, out_dir=out_dir)
+
+
+def _run(config, profile: str, overrides: dict | None, chosen: list[Path], *, force: bool, custom: bool,
+         out_dir: Path | None) -> pd.DataFrame:
     parameters = {"profile": profile, "overrides": dict(overrides or {})}
     out_dir = Path(out_dir or ROOT / "runs" / profile)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "state.json"
     state = _read_state(state_path)
     # The study's own run times go beside its tables; a custom notebook list keeps them in out_dir.
-    times_path = (config.tables_dir if notebooks is None else out_dir) / "notebook_times.csv"
+    times_path = (out_dir if custom else config.tables_dir) / "notebook_times.csv"
     # What a stage made lives in these folders; the runner's own files there are not a stage's.
     watched = [config.artifacts_dir.resolve(), config.figures_dir.resolve()]
-    runner_files = {times_path.resolve(), times_path.with_suffix(".md").resolve()}
+    runner_files = {times_path.resolve(), times_path.with_suffix(".md").resolve(),
+                    (config.artifacts_dir / LOCK_FILE).resolve()}
     artifacts = str(watched[0])
     rows = []
     for notebook in chosen:
@@ -239,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = dict(parse_override(item) for item in args.set)
         table = run(args.profile, overrides, force=args.force, only=args.only)
-    except StageFailed as err:
+    except (StageFailed, RunnerBusy) as err:
         print(f"reproduce: {err}", file=sys.stderr)
         return 1
     except ValueError as err:  # a bad --set, --only or profile, refused before anything ran

@@ -10,13 +10,18 @@ are built from intent keywords and slot values, so a small model can learn them.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 
 from .artifacts import atomic_dir
-from .config import GLOSS_LOCALE, LOCALES
+from .config import GLOSS_LOCALE, LOCALES, ROOT
+
+log = logging.getLogger(__name__)
+_said_massive_dir_ignored = False  # many steps reach the corpus; one line per process says it
 
 # (first consonant, last consonant, first vowel sign, last vowel sign) of each script.
 SCRIPT_RANGES = {
@@ -129,9 +134,21 @@ def write_corpus(folder: Path | str, locales=LOCALES + (GLOSS_LOCALE,), seed: in
     return folder
 
 
+def note_massive_dir_ignored(folder: Path | str) -> None:
+    """Say, once per process, that a set MASSIVE_DIR is not read: the corpus in ``folder`` is."""
+    global _said_massive_dir_ignored
+    value = os.environ.get("MASSIVE_DIR")
+    if _said_massive_dir_ignored or not value or (ROOT / value).resolve() == Path(folder).resolve():
+        return
+    _said_massive_dir_ignored = True
+    log.warning("MASSIVE_DIR=%s is ignored: this profile reads the synthetic stand-in corpus in %s, not MASSIVE "
+                "(use the default or paper profile for MASSIVE)", value, folder)
+
+
 def ensure_corpus(folder: Path | str) -> Path:
     """Write the synthetic corpus into ``folder`` unless it is there already."""
     folder = Path(folder)
+    note_massive_dir_ignored(folder)
     if not (folder / "1.1" / "data" / f"{GLOSS_LOCALE}.jsonl").is_file():
         with atomic_dir(folder) as tmp:
             write_corpus(tmp)

@@ -40,7 +40,8 @@ def nlu_config(profile: Profile, data: StudyData, tasks=TASKS, loss_weights: dic
     return NLUConfig(
         n_intents=len(data.labels.intents), n_domains=len(data.labels.scenarios), tags=data.labels.tags,
         tasks=tuple(tasks), loss_weights=dict(loss_weights or zip(TASKS, profile.loss_weights)),
-        pooling=profile.pooling, encoder=encoder_config(profile, data).to_diff_dict(), pretrained=pretrained)
+        pooling=profile.pooling, encoder=encoder_config(profile, data).to_diff_dict(), pretrained=pretrained,
+        intents=data.labels.intents, domains=data.labels.scenarios)
 
 
 def collator_for(data: StudyData) -> MultiTaskCollator:

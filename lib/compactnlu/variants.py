@@ -11,6 +11,7 @@ key>.json``); later notebooks and the ``predict`` helper load it by name (:func:
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,9 +73,18 @@ def table() -> pd.DataFrame:
 
 
 def lookup(name: str) -> Variant:
+    """The table's row for ``name``; an unknown name is a KeyError naming the closest known one."""
     if name not in BY_NAME:
-        raise KeyError(f"{name!r} is not a variant of the study; variants: {', '.join(ORDER)}")
+        raise KeyError(f"{name!r} is not a variant of the study{_closest(name)}; variants: {', '.join(ORDER)}")
     return BY_NAME[name]
+
+
+def _closest(name) -> str:
+    text = str(name).strip().lower()
+    if text in BY_NAME:
+        return f" (did you mean {text!r}? names are lower case)"
+    close = difflib.get_close_matches(text, ORDER, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def made_by(notebook: str) -> list[str]:
@@ -140,14 +150,14 @@ def registered(profile: Profile) -> dict[str, dict]:
 
 
 def folder_of(profile: Profile, name: str) -> Path:
+    lookup(name)
     entry = registered(profile).get(name)
-    if name in BY_NAME and BY_NAME[name].runtime not in RUNTIMES:
+    if BY_NAME[name].runtime not in RUNTIMES:
         raise KeyError(f"variant {name!r} runs on {BY_NAME[name].runtime}, not loadable by name; "
                        f"see compactnlu.{BY_NAME[name].method}")
     if entry is None:
-        step = BY_NAME[name].notebook if name in BY_NAME else None
-        hint = f"run notebook {step} first" if step else "no notebook makes it"
-        raise KeyError(f"variant {name!r} is not registered for profile {profile.name!r}: {hint}")
+        raise KeyError(f"variant {name!r} is not registered for profile {profile.name!r}: run notebook "
+                       f"{BY_NAME[name].notebook} first")
     return Path(entry["folder"])
 
 

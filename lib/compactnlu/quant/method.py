@@ -4,7 +4,8 @@ artifact carries (``quantization.json``).
 
 A handler subclasses ``QuantizationMethod``; ``registry.METHODS`` lists them by ``name``.
 Each artifact folder holds the method's files and ``quantization.json``:
-``{"format_version": 1, "method": <name>, <the method's details>, "checksums": {file: SHA-256}}``.
+``{"format_version": 1, "method": <name>, <the method's details>, "checksums": {file: SHA-256},
+"record_sha256": <SHA-256 of the record itself>}``; the checksums cover ``config.json`` too.
 Loading reads the recorded method and dispatches to its handler (``registry.load_quantized``).
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..artifacts import RERUN, atomic_dir, read_json, with_checksums, write_json
+from ..artifacts import RERUN, atomic_dir, read_json, verify_checksums, with_checksums, write_json
 from ..model import MultiTaskNLU, NLUConfig
 
 FORMAT_VERSION = 1  # raise it when a handler changes what it writes; loaders refuse other versions
@@ -53,8 +54,15 @@ def save_artifact(method: QuantizationMethod, source, folder: Path | str, detail
         recorded = method.write(source, tmp, details)
         config = NLUConfig.read(tmp / CONFIG_FILE)
         record = {"format_version": FORMAT_VERSION, "method": method.name, **recorded}
-        write_json(tmp / DETAILS_FILE, with_checksums(record, tmp, method.weight_files(config)))
+        write_json(tmp / DETAILS_FILE, with_checksums(record, tmp, sealed_files(method, config)))
     return folder
+
+
+def sealed_files(method: QuantizationMethod, config: NLUConfig) -> list[str]:
+    """What ``quantization.json`` records the SHA-256 of: the config the model is rebuilt from
+    (its tag order, pooling, activation shape the outputs as much as the weights do) and the
+    method's weight files."""
+    return [CONFIG_FILE, *method.weight_files(config)]
 
 
 def read_record(path: Path, methods) -> dict:
@@ -69,6 +77,7 @@ def read_record(path: Path, methods) -> dict:
         found = "records no format_version (saved before it was recorded)" if version is None else \
             f"has format_version {version!r}"
         raise ValueError(f"{path} {found}; this compactnlu reads format_version {FORMAT_VERSION}: {RERUN}")
+    verify_checksums(path, [])  # the record's own seal: a hand-edited setting is refused
     return record
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ..model import assert_finite
-
 DEFAULT_BITS = (4, 8, 16)
 
 
@@ -36,13 +34,15 @@ def int_dtype(bits: int) -> torch.dtype:
     return torch.int8 if check_bits(bits) <= 8 else torch.int16
 
 
-def absmax_scale(x: torch.Tensor, bits: int, per_channel: bool, axis: int) -> torch.Tensor:
+def absmax_scale(x: torch.Tensor, bits: int, per_channel: bool, axis: int, where: str = "absmax_scale",
+                 name: str = "x") -> torch.Tensor:
     """``max|x| / qmax`` per channel along ``axis`` (or per tensor), shaped to broadcast against ``x``.
 
     An all-zero channel (or tensor) would give scale 0 and 0/0 = NaN; it gets scale 1
     instead, which quantizes its zeros to exact zeros. So does a channel so small that
     ``max|x| / qmax`` underflows to 0 (below about 1e-40): its values then round to 0.
-    1-D tensors are always per tensor.
+    1-D tensors are always per tensor. NaN or inf in ``x`` is a ValueError naming ``where``
+    and ``name``: NaN would round to 0 and inf give a NaN scale, so a whole row turns NaN.
     """
     x = x.detach().float().abs()
     if per_channel and x.dim() >= 2:
@@ -50,6 +50,12 @@ def absmax_scale(x: torch.Tensor, bits: int, per_channel: bool, axis: int) -> to
         amax = x.amax(dim=[d for d in range(x.dim()) if d != axis], keepdim=True)
     else:
         amax = x.amax().reshape([1] * x.dim())
+    # amax is NaN or inf exactly where x holds one (amax propagates NaN): the check costs no
+    # extra pass over x, which matters in the bit controller's training loop
+    if not torch.isfinite(amax).all():
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        raise ValueError(f"{where}: tensor {name!r} holds {'NaN' if n_nan else 'inf'} values "
+                         f"({n_nan} NaN, {n_inf} inf of {x.numel()}); only finite values can be quantized")
     scale = amax / qmax(bits)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -63,8 +69,7 @@ def quantize_symmetric(x: torch.Tensor, bits: int, per_channel: bool = True, axi
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integers (int8 for bits <= 8, else int16) and the float32 scale that maps them back."""
     bits = check_bits(bits)
-    assert_finite({"x": x}, "quantize_symmetric")  # NaN would round to 0 and inf give a NaN scale
-    scale = absmax_scale(x, bits, per_channel, axis)
+    scale = absmax_scale(x, bits, per_channel, axis, "quantize_symmetric")
     return round_clip(x, scale, bits).to(int_dtype(bits)), scale
 
 
@@ -80,20 +85,21 @@ class _FakeQuantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, bits, per_channel, axis):
-        scale = absmax_scale(x, bits, per_channel, axis)
+    def forward(ctx, x, bits, per_channel, axis, where, name):
+        scale = absmax_scale(x, bits, per_channel, axis, where, name)
         return (round_clip(x, scale, bits) * scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None
+        return grad, None, None, None, None, None
 
 
 def fake_quantize(x: torch.Tensor, bits: int, per_channel: bool = False, axis: int = 0) -> torch.Tensor:
-    """``x`` rounded to ``bits`` and back to float; gradients pass through unchanged."""
-    return _FakeQuantize.apply(x, check_bits(bits), per_channel, axis)
+    """``x`` rounded to ``bits`` and back to float; gradients pass through unchanged.
+    NaN or inf in ``x`` is a ValueError."""
+    return _FakeQuantize.apply(x, check_bits(bits), per_channel, axis, "fake_quantize", "x")
 
 
 def fake_quantize_weight(w: torch.Tensor, bits: int, per_channel: bool = True) -> torch.Tensor:
     """A weight as ``PrecisionLinear`` will store it (one scale per output row by default)."""
-    return fake_quantize(w, bits, per_channel=per_channel, axis=0)
+    return _FakeQuantize.apply(w, check_bits(bits), per_channel, 0, "fake_quantize_weight", "w")

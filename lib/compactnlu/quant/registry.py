@@ -14,7 +14,7 @@ from pathlib import Path
 from ..artifacts import verify_checksums
 from ..model import NLUConfig
 from .dynamic import DynamicPTQ
-from .method import CONFIG_FILE, DETAILS_FILE, QuantizationMethod, read_record, save_artifact
+from .method import CONFIG_FILE, DETAILS_FILE, QuantizationMethod, read_record, save_artifact, sealed_files
 from .onnx_int8 import ORT_INT8
 from .onnx_nbits import ONNX_NBITS
 from .precision import PrecisionPTQ
@@ -45,15 +45,17 @@ def read_details(folder: Path | str) -> dict:
 
 
 def load_quantized(folder: Path | str, labels=None):
-    """What runs, as the recorded method's handler loads it: its files checked against the
-    SHA-256 that ``quantization.json`` records, then for NaN and inf and what the method
+    """What runs, as the recorded method's handler loads it: ``quantization.json`` checked against
+    its own recorded SHA-256, ``config.json`` and the weight files against theirs, then for NaN and inf and what the method
     checks besides (for ``precision``, the bits each layer is recorded with). ``labels``,
     the data's ``LabelSpace``, makes a model for other labels an error."""
     folder = Path(folder)
-    config = NLUConfig.read(folder / CONFIG_FILE)
-    if labels is not None:
-        config.check_labels(labels, folder / CONFIG_FILE)
     details = read_details(folder)
     method = METHODS[details["method"]]
-    verify_checksums(folder / DETAILS_FILE, method.weight_files(config))
+    # Seal and files first: an edited config.json or quantization.json is refused before either is used.
+    verify_checksums(folder / DETAILS_FILE, [CONFIG_FILE])
+    config = NLUConfig.read(folder / CONFIG_FILE)
+    verify_checksums(folder / DETAILS_FILE, sealed_files(method, config))
+    if labels is not None:
+        config.check_labels(labels, folder / CONFIG_FILE)
     return method.load(folder, config, details)

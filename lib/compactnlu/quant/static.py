@@ -11,6 +11,7 @@ them inside a Hugging Face layer, so activations are dequantized around each lin
 
 from __future__ import annotations
 
+import numbers
 from itertools import islice
 
 import torch
@@ -50,9 +51,19 @@ def prepare_static(model: MultiTaskNLU) -> MultiTaskNLU:
     return prepared
 
 
+def check_n_batches(n_batches) -> int:
+    """``n_batches`` as an int; anything but a positive integer is a ValueError (None would
+    otherwise fail deep in ``islice``, and 0 calibrates on nothing)."""
+    if isinstance(n_batches, bool) or not isinstance(n_batches, numbers.Integral) or n_batches < 1:
+        raise ValueError(f"n_batches={n_batches!r} is out of range; allowed: a positive integer "
+                         f"(how many calibration batches the observers see)")
+    return int(n_batches)
+
+
 @torch.no_grad()
 def calibrate(prepared: MultiTaskNLU, batches, n_batches: int) -> int:
     """Run ``n_batches`` batches through the observers; returns how many were used."""
+    n_batches = check_n_batches(n_batches)
     used = 0
     for batch in islice(batches, n_batches):
         prepared(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -73,8 +84,7 @@ def quantize_static(model: MultiTaskNLU, batches, n_batches: int) -> tuple[Multi
     No calibration data is a ValueError: observers that saw nothing give default scales,
     and every logit of the converted model would be 0. So is NaN or inf in ``model``.
     """
-    if n_batches < 1:
-        raise ValueError(f"static quantization needs at least one calibration batch, got n_batches={n_batches}")
+    n_batches = check_n_batches(n_batches)
     assert_finite(model.state_dict(), "quantize_static")
     prepared = prepare_static(model)
     with quiet_quantization():

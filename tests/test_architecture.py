@@ -8,11 +8,15 @@ never inside a function to dodge a cycle: the import graph is acyclic as written
 from __future__ import annotations
 
 import ast
+import dataclasses
 import graphlib
 import json
+import re
 from pathlib import Path
 
 import pytest
+
+from compactnlu.quant import METHODS, MethodConfig
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lib" / "compactnlu"
 MAX_LINES = 360  # "about 350"
@@ -22,10 +26,10 @@ LAYERS = ["config", "data", "model", "train", "distill/quant", "evaluation", "be
 LAYER_OF = {
     "compactnlu": "config", "compactnlu.artifacts": "config", "compactnlu.config": "config",
     "compactnlu.cachekeys": "config", "compactnlu.cpu": "config", "compactnlu.paper": "config",
-    "compactnlu.type_checks": "config",
+    "compactnlu.type_checks": "config", "compactnlu.provenance": "config",
     "compactnlu.massive_download": "data", "compactnlu.massive": "data", "compactnlu.compose": "data",
     "compactnlu.synthetic": "data", "compactnlu.features": "data", "compactnlu.explore": "data",
-    "compactnlu.interface": "model", "compactnlu.model": "model",
+    "compactnlu.interface": "model", "compactnlu.model": "model", "compactnlu.e5": "model",
     "compactnlu.trainer": "train", "compactnlu.pretrain": "train", "compactnlu.train": "train",
     "compactnlu.classic": "train",
     "compactnlu.distill": "distill/quant", "compactnlu.kd_losses": "distill/quant",
@@ -34,8 +38,9 @@ LAYER_OF = {
     "compactnlu.metrics": "evaluation", "compactnlu.metric_statistics": "evaluation",
     "compactnlu.evaluation": "evaluation", "compactnlu.errors": "evaluation", "compactnlu.variants": "evaluation",
     "compactnlu.inference": "evaluation",
-    "compactnlu.bench": "bench", "compactnlu.pcptq": "bench", "compactnlu.paper_scale": "bench",
+    "compactnlu.bench": "bench", "compactnlu.pcptq": "bench", "compactnlu.table2": "bench",
     "compactnlu.significance": "analysis", "compactnlu.plots": "analysis", "compactnlu.study": "analysis",
+    "compactnlu.paper_scale": "analysis",
     "compactnlu.replicates": "analysis", "compactnlu.reproduce": "analysis", "compactnlu.notebook": "analysis",
 }
 
@@ -148,6 +153,54 @@ def test_no_six_line_block_is_repeated():
                 repeated.append((seen[block], place))
             seen.setdefault(block, place)
     assert repeated == []
+
+
+# Reading a variant's or a policy's meaning out of its name: slicing it, splitting it, or testing
+# its prefix. What a name means is in its row of the variant table or in its typed config.
+NAME_PARSING = [
+    re.compile(r"\b\w*(policy|variant)\w*\s*\[\s*-?\d*\s*:"),  # policy_name[7:]
+    re.compile(r"\b\w*(policy|variant)\w*\.(startswith|endswith|split|rsplit|partition|rpartition)\("),
+    re.compile(r"\.(startswith|endswith)\(\s*[\"'](lambda|uniform|sensitivity|baseline|kd|teacher)"),
+    re.compile(r"\.split\(\s*[\"'][-=@][\"']"),  # the separators of "uniform-4", "lambda=1", "kd@seed1"
+    re.compile(r"\.replace\(\s*[\"']lambda="),
+]
+# What the study did before its settings were typed (pcptq.reapply, notebook 07's Pareto labels).
+FORMER_OFFENDERS = [
+    'if policy_name.startswith("lambda="):',
+    "return searched(profile, data, cache, name, trained, replace(config, lam=float(policy_name[7:])))",
+    "bits = int(policy_name[8:])",
+    'sweep.assign(kind=sweep.policy.map(lambda p: "λ sweep" if p.startswith("lambda") else p.split("-")[0]),',
+    'label=sweep.policy.str.replace("lambda=", "λ=")),',
+]
+
+
+def _name_parsing(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if any(p.search(line) for p in NAME_PARSING)]
+
+
+def test_no_name_is_parsed_for_its_meaning():
+    assert all(_name_parsing(line) for line in FORMER_OFFENDERS)  # the check sees what it is for
+    found = {where: lines for where, text in _sources().items() if (lines := _name_parsing(text))}
+    assert found == {}
+
+
+# Notebooks that still register fp32 models by hand (their owners' to move to study.make).
+
+
+def test_no_notebook_calls_the_registry():
+    """A notebook makes a variant with ``study.make`` (or ``ptq_stage``), which registers it."""
+    calls = {where: text for where, text in _sources().items() if ".ipynb" in where
+             and re.search(r"\bregister\(", text)}
+    assert calls == {}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_has_a_config_dataclass(name):
+    """Its settings: a frozen dataclass of its own, read back from a record by ``from_record``."""
+    config = METHODS[name].config
+    assert issubclass(config, MethodConfig) and config is not MethodConfig
+    assert dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen
+    assert not hasattr(METHODS[name], "quantize")  # the entry points take the config, not the handler
 
 
 def test_modules_are_small():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 import torch
 
-from compactnlu import bench
-from compactnlu.interface import NLUOutput
+from compactnlu import bench, classic
+from compactnlu.interface import NLUOutput, infer
 from compactnlu.model import MultiTaskNLU, NLUConfig
 from compactnlu.paper import TABLE2, relative_to_baseline
 
@@ -37,6 +40,29 @@ def test_artifact_size_counts_deployed_files_only(tmp_path):
     assert bench.artifact_size_mb(tmp_path) == pytest.approx(1230 / 1e6)
     with pytest.raises(FileNotFoundError):
         bench.artifact_size_mb(tmp_path / "missing")
+
+
+def test_artifact_size_of_the_classic_reference_is_its_own_count(tmp_path):
+    """``DEPLOYED`` names the classic files rather than importing them: it must count what
+    ``classic.size_bytes`` counts (both model files and the manifest), and nothing else."""
+    for k, name in enumerate(classic.FILES + [classic.MANIFEST]):
+        (tmp_path / name).write_bytes(b"x" * (100 + 10 * k))
+    (tmp_path / "fit.log").write_bytes(b"x" * 5000)
+    assert bench.artifact_size_mb(tmp_path) == pytest.approx(classic.size_bytes(tmp_path) / 1e6)
+
+
+def test_the_bench_layer_imports_neither_the_study_nor_the_search():
+    """Sizes, times and memory are measured without the study layer (``study``, ``pcptq``), and
+    sizing the classic reference needs none of its libraries (``classic``, scikit-learn)."""
+    code = ("import sys, compactnlu.bench; print(sorted({'compactnlu.study', 'compactnlu.pcptq', "
+            "'compactnlu.classic', 'sklearn'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_timed_pass_is_the_scored_one():
+    """``paper_scale`` calls ``bench.infer``: it is ``interface.infer``, not a copy of it."""
+    assert bench.infer is infer
 
 
 def test_passes_are_interleaved_in_seeded_orders():
@@ -83,7 +109,8 @@ def test_infer_runs_a_real_model_with_viterbi():
     model = MultiTaskNLU(NLUConfig(n_intents=4, n_domains=3, tags=("O", "B-a", "I-a"), encoder=dict(ENCODER))).eval()
     ids = torch.randint(3, 50, (2, 6))
     word_mask = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0]]).bool()
-    answer = bench.infer(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "word_mask": word_mask})
+    out, answer = infer(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "word_mask": word_mask})
+    assert out.loss is None  # the benchmark passes no labels: no loss is computed in a timed pass
     assert [len(p) for p in answer.slots] == [3, 1]
     assert answer.intents.shape == (2, 4) and answer.domains.shape == (2, 3)
     assert answer.intents.any(1).all() and answer.domains.any(1).all()  # at least one label each, as scored
@@ -97,7 +124,7 @@ def test_without_matmuls_keeps_every_output_shape_and_no_linear_layer():
     assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 9  # the original is untouched
     ids = torch.randint(3, 50, (2, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "word_mask": torch.ones_like(ids).bool()}
-    real, free = bench.infer(model, batch), bench.infer(floor, batch)
+    (_, real), (_, free) = infer(model, batch), infer(floor, batch)
     assert free.intents.shape == real.intents.shape and free.domains.shape == real.domains.shape
     assert [len(p) for p in free.slots] == [len(p) for p in real.slots] == [6, 6]
     with torch.no_grad():

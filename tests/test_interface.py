@@ -2,8 +2,9 @@
 
 Every runnable variant (float, static, dynamic, precision-controlled on the fast path, ONNX
 Runtime) is an ``NLUModel`` and returns an ``NLUOutput``, which reads like the dict it
-replaced; ``decide`` chooses labels with the argmax fallback, and ``metrics.predict``,
-``bench.infer`` and ``quant.fast.agreement`` decide alike, also where no label reaches 0.5.
+replaced; ``decide`` chooses labels with the argmax fallback, and ``infer`` answers a batch
+with it: ``metrics.predict``, the benchmark, ``inference.predict`` and ``quant.fast.agreement``
+decide alike, also where no label reaches 0.5.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from compactnlu import bench
+from compactnlu import bench, features, inference, interface, metrics
 from compactnlu.compose import LabelSpace
-from compactnlu.features import IGNORE, MultiTaskCollator
-from compactnlu.interface import NLUModel, NLUOutput, choose_labels, decide, decide_sets, label_sets
+from compactnlu.features import MultiTaskCollator
+from compactnlu.interface import (IGNORE, Decisions, NLUModel, NLUOutput, choose_labels, decide, decide_sets, infer,
+                                  label_sets)
 from compactnlu.metrics import predict
 from compactnlu.model import MultiTaskNLU, NLUConfig
 from compactnlu.onnx_runtime import OnnxNLU, export_onnx
@@ -144,7 +146,7 @@ def test_choose_labels_falls_back_to_the_first_most_probable_label():
 
 
 def test_every_caller_makes_the_same_decisions(model, dataset):
-    """``metrics.predict`` (what is scored) and ``bench.infer`` (what is timed) give
+    """``metrics.predict`` (what is scored) and the benchmark's pass (what is timed) give
     ``decide``'s decisions, on examples that reach 0.5 and on examples that do not."""
     rows = list(range(len(dataset)))
     batch = batch_of(dataset, rows)
@@ -161,7 +163,7 @@ def test_every_caller_makes_the_same_decisions(model, dataset):
     assert [[LABELS.tags.index(t) for t in r] for r in scored.tags_pred] == want.slots
 
     order = np.argsort(np.asarray(dataset["n_subwords"]), kind="stable")  # prepared_batches' order
-    timed = [bench.infer(model, b) for b in bench.prepared_batches(dataset, COLLATOR, len(rows))]
+    timed = [infer(model, b)[1] for b in bench.prepared_batches(dataset, COLLATOR, len(rows))]
     intents = torch.cat([d.intents for d in timed])
     assert torch.equal(intents, want.intents[order])
     assert torch.equal(torch.cat([d.domains for d in timed]), want.domains[order])
@@ -188,3 +190,33 @@ def test_agreement_compares_the_fallback_decisions(model, dataset):
     assert same_top["same_id"] == 1.0 and other_top["same_id"] == 0.0
     assert same_top["max_abs_diff:intent_logits"] == pytest.approx(0.5)
     assert same_top["same_dc"] == other_top["same_dc"] == 1.0 and same_top["same_sf"] == 1.0
+
+
+# ---------------------------------------------------------------- one way from a batch to its answers
+
+def test_every_prediction_path_answers_through_infer():
+    """Scoring, timing and the one-utterance helper share one engine, so none can drift."""
+    assert metrics.infer is bench.infer is inference.infer is infer
+
+
+def test_infer_passes_labels_for_the_loss_and_nothing_else(model, dataset):
+    batch = batch_of(dataset, range(6))
+    batch["word_mask"] = batch["slot_labels"] != IGNORE
+    timed, decisions = infer(model, batch)
+    scored, same = infer(model, batch, slot_labels=batch["slot_labels"], intent_labels=batch["intent_labels"],
+                         domain_labels=batch["domain_labels"])
+    assert timed.loss is None and scored.loss.item() == pytest.approx(model(**batch).loss.item())
+    assert torch.equal(decisions.intents, same.intents) and decisions.slots == same.slots
+    assert decisions.slots == decide(timed, batch["word_mask"], model).slots
+
+
+def test_named_decisions_read_label_names_and_count_cut_words_as_o():
+    decisions = Decisions(intents=torch.tensor([[True, False, True], [False, True, False]]),
+                          slots=[[1, 2], [0]])
+    rows = decisions.named(("a", "b", "c"), ("x", "y"), ("O", "B-t", "I-t"), n_words=[2, 3])
+    assert rows == [{"intents": ["a", "c"], "tags": ["B-t", "I-t"]},
+                    {"intents": ["b"], "tags": ["O", "O", "O"]}]  # no domains head: no domains
+
+
+def test_ignore_is_the_label_the_features_write():
+    assert interface.IGNORE == features.IGNORE

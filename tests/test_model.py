@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -238,3 +240,13 @@ def test_pretrained_model_saves_and_loads_without_the_original_folder(pretrained
     assert torch.equal(a["intent_logits"], b["intent_logits"])
     assert torch.equal(a["slot_logits"], b["slot_logits"])
     assert math.isfinite(b["loss"].item())
+
+
+def test_loading_a_model_needs_no_data_stack(tmp_path):
+    """A deployment that loads a saved model reads no corpus: neither ``datasets`` nor the
+    tokenizer's libraries, nor ``compactnlu.features``, come with ``compactnlu.model``."""
+    make_model().save(tmp_path)
+    code = (f"import sys; from compactnlu.model import MultiTaskNLU; MultiTaskNLU.load({str(tmp_path)!r}); "
+            "print(sorted({'datasets', 'sentencepiece', 'compactnlu.features'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -18,8 +18,8 @@ from compactnlu.paper_scale.build import fp32_build
 from compactnlu.quant import FORMAT_VERSION, precision_groups
 
 TINY = ps.Shape(vocab_size=1000, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=64)
-VARIANTS = ["fp32", "static", "dynamic", "kd_pcptq", "kd_pcptq_fast", "kd_pcptq_nbits", "uniform8", "uniform8_fast",
-            "uniform4", "uniform4_fast", "onnx_int8"]
+VARIANTS = ["fp32", "baseline_static", "baseline_dynamic", "kd_pcptq", "kd_pcptq_fast", "kd_pcptq_onnx", "uniform8",
+            "uniform8_fast", "uniform4", "uniform4_fast", "kd_onnx_int8"]
 
 
 @pytest.fixture(autouse=True)
@@ -67,8 +67,9 @@ def test_groups_that_are_not_per_layer_keep_their_names():
 
 def test_the_stated_default_stands_in_when_notebook_07_has_not_run(profile):
     chosen = ps.study_policy(profile)
-    assert chosen.policy == ps.DEFAULT_POLICY and chosen.source.startswith("stated default")
-    assert chosen.per_layer and chosen.embedding
+    assert chosen.config.policy == ps.DEFAULT_POLICY and chosen.source.startswith("stated default")
+    assert chosen.config.per_layer and chosen.config.embedding
+    assert ps.mapped(chosen.config, 12).policy == ps.map_policy(ps.DEFAULT_POLICY, 12)
 
 
 def test_the_registered_kd_pcptq_policy_is_read(profile, tmp_path):
@@ -80,7 +81,7 @@ def test_the_registered_kd_pcptq_policy_is_read(profile, tmp_path):
     (folder / "quantization.json").write_text(json.dumps(with_checksums(record, folder, [])))  # sealed, as saved
     variants.register(profile, "kd_pcptq", folder)
     chosen = ps.study_policy(profile)
-    assert chosen.policy == policy and "notebook 07" in chosen.source
+    assert chosen.config.policy == policy and "notebook 07" in chosen.source
 
 
 # ---------------------------------------------------------------- shape and inputs
@@ -127,6 +128,9 @@ def test_the_table_has_every_variant_and_none_failed(measured):
     result, _ = measured
     table = result.table
     assert list(table.variant) == VARIANTS
+    # the study's names, with the study's methods
+    for row in table[table.variant.isin(variants.ORDER)].itertuples():
+        assert row.method == variants.lookup(row.variant).method, row.variant
     assert not table.note.str.startswith("failed").any(), table.note.tolist()
     assert table[["size_mb", "time_b32_s", "time_b1_ms"]].notna().all().all()
     assert table.set_index("variant").kernels["kd_pcptq_fast"].startswith("fast: ")
@@ -144,18 +148,19 @@ def test_ratios_come_from_the_tables_own_fp32_row(measured):
 def test_the_papers_ratios_stand_beside_their_counterparts(measured):
     t = measured[0].table.set_index("variant")
     theirs = paper.TABLE2.set_index("variant")
-    for ours, counterpart in (("static", "baseline_static"), ("dynamic", "baseline_dynamic"),
-                              ("kd_pcptq", "kd_pcptq"), ("kd_pcptq_fast", "kd_pcptq")):
+    for ours, counterpart in (("fp32", "baseline"), ("baseline_static", "baseline_static"),
+                              ("baseline_dynamic", "baseline_dynamic"), ("kd_pcptq", "kd_pcptq"),
+                              ("kd_pcptq_fast", "kd_pcptq"), ("kd_pcptq_onnx", "kd_pcptq")):
         assert t.paper_size_vs_baseline[ours] == pytest.approx(theirs.size_mb[counterpart] / theirs.size_mb["baseline"])
         assert t.paper_time_vs_baseline[ours] == pytest.approx(
             theirs.inference_s[counterpart] / theirs.inference_s["baseline"])
-    assert t.paper_size_vs_baseline[["uniform8", "uniform4", "onnx_int8"]].isna().all()
+    assert t.paper_size_vs_baseline[["uniform8", "uniform4", "kd_onnx_int8"]].isna().all()
 
 
 def test_sizes_are_ordered_as_the_bits_say(measured):
     size = measured[0].table.set_index("variant").size_mb
     assert size["uniform4"] < size["uniform8"] < size["fp32"]
-    assert size["dynamic"] < size["fp32"]
+    assert size["baseline_dynamic"] < size["fp32"]
     for path in ("kd_pcptq", "uniform8", "uniform4"):  # the fast path runs the same stored artifact
         assert size[f"{path}_fast"] == size[path]
 
@@ -168,8 +173,10 @@ def test_the_bars_follow_their_measured_ratios(measured):
     size = bars.set_index("bar").loc["kd_pcptq size vs fp32"]
     assert size.measured == pytest.approx(t.size_mb["kd_pcptq"] / t.size_mb["fp32"])
     b32 = bars.set_index("bar").loc["kd_pcptq time vs fp32 (batch 32)"]
-    assert b32.path in ps.KD_PCPTQ_PATHS
+    assert b32.path in ps.KD_PCPTQ_PATHS == ("kd_pcptq", "kd_pcptq_fast", "kd_pcptq_onnx")
     assert b32.measured == pytest.approx(t.time_b32_s[list(ps.KD_PCPTQ_PATHS)].min() / t.time_b32_s["fp32"])
+    ort = bars.set_index("bar").loc["kd_pcptq time vs ONNX Runtime int8 (batch 1)"]
+    assert ort.measured == pytest.approx(t.time_b1_ms[list(ps.KD_PCPTQ_PATHS)].min() / t.time_b1_ms["kd_onnx_int8"])
     assert bars.cpu.nunique() == 1 and bars.cpu.iloc[0]
 
 
@@ -191,12 +198,13 @@ def test_a_method_that_fails_is_a_note_not_a_crash(tmp_path):
     def broken(folder):
         raise MemoryError("too big at this scale")
 
-    failed = builder.add(ps.Variant("onnx_int8", "onnxruntime dynamic int8", "ONNX Runtime"), broken)
+    failed = builder.add(ps.Variant("kd_onnx_int8", "onnxruntime_dynamic", "ONNX Runtime"), broken)
     assert failed.model is None and failed.note.startswith("failed: MemoryError: too big at this scale")
-    skipped = builder.same_artifact(ps.Variant("onnx_int8_fast", "x", "fast path"), "onnx_int8", lambda m: (m, ""))
+    skipped = builder.same_artifact(ps.Variant("kd_onnx_int8_fast", "x", "fast path"), "kd_onnx_int8",
+                                    lambda m: (m, ""))
     assert skipped.note.startswith("skipped")
     timing = ps.time_variants(builder.variants, inputs, ps.Settings(shape=TINY, repeats=1, singles=1, threads=1))
     table = ps.results_table(builder.variants, timing)
-    row = table.set_index("variant").loc["onnx_int8"]
+    row = table.set_index("variant").loc["kd_onnx_int8"]
     assert math.isnan(row.size_mb) and math.isnan(row.time_b32_s) and row.note.startswith("failed")
     assert not any((tmp_path / "scratch").iterdir())

@@ -13,12 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from compactnlu import pcptq, variants
+from compactnlu import pcptq, study, variants
 from compactnlu.config import load_profile
-from compactnlu.distill import cached_teacher_outputs
 from compactnlu.features import build_study_data
 from compactnlu.inference import predict, spans
-from compactnlu.quant import load_quantized
+from compactnlu.quant import PrecisionConfig, load_quantized, read_config
 from compactnlu.quant.fast import Int4PackLinear, IntMatmulLinear, agreement, kernel_summary, to_fast
 from compactnlu.quant.kernels import kernel_works
 from compactnlu.quant.groups import group_param_counts, precision_groups
@@ -26,7 +25,7 @@ from compactnlu.quant.precision import export_policy
 from compactnlu.quant.quantizer import qmax
 from compactnlu.quant.search import SearchConfig, bits_share, model_bytes, policy_table, uniform_policy
 from compactnlu.quant.stored import PrecisionLinear
-from compactnlu.study import fp32_models, teachers
+from compactnlu.study import fp32_models, search_cache
 from compactnlu.train import collator_for
 
 SMOKE = {"epochs": 1, "teacher_epochs": 1, "kd_epochs": 1}
@@ -52,7 +51,7 @@ def models(profile, data):
 
 @pytest.fixture(scope="module")
 def cache(profile, data, models):
-    return cached_teacher_outputs(profile, teachers(profile, data), data, "train", collator_for(data))
+    return search_cache(profile, data)
 
 
 def share_at(result, bits: int, model) -> float:
@@ -87,8 +86,9 @@ def test_the_search_leaves_the_fp32_model_alone(data, models, cache):
 def test_candidates_save_reload_exactly_and_are_reused(profile, data, models, cache):
     config = SearchConfig(steps=5)
     found = pcptq.candidates(profile, data, cache, "kd", models["kd"], config, (0.0, 20.0))
-    assert [c.policy_name for c in found] == ["lambda=0", "lambda=20", "uniform-4", "uniform-8", "uniform-16",
-                                             "sensitivity"]
+    assert [c.label for c in found] == ["lambda=0", "lambda=20", "uniform-4", "uniform-8", "uniform-16",
+                                        "sensitivity"]
+    assert [c.config.kind for c in found] == ["searched"] * 2 + ["uniform"] * 3 + ["sensitivity"]
     collate = collator_for(data)
     batch = collate([data.features["dev"][i] for i in range(8)])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -96,16 +96,35 @@ def test_candidates_save_reload_exactly_and_are_reused(profile, data, models, ca
         reloaded = load_quantized(c.folder)
         a, b = c.quantized(**inputs), reloaded(**inputs)
         assert all(torch.equal(a[k], b[k]) for k in ("intent_logits", "domain_logits", "slot_logits"))
+        assert read_config(c.folder).policy == c.config.policy  # the record holds the typed policy
     again = pcptq.searched(profile, data, cache, "kd", models["kd"], dataclasses.replace(config, lam=20.0))
     assert again.folder == found[1].folder and again.history is not None
     assert again.folder.stat().st_mtime == found[1].folder.stat().st_mtime  # loaded, not searched again
 
-    # a selected policy carried to another model by its name: the same candidate, from the cache
+    # a selected choice made again (as for another training seed's model): the same candidate, from the cache
     for c in found:
-        carried = pcptq.reapply(profile, data, cache, "kd", models["kd"], c.policy_name, config)
-        assert carried.folder == c.folder and carried.policy == c.policy
-    with pytest.raises(ValueError, match="unknown PC-PTQ policy 'int3'"):
-        pcptq.reapply(profile, data, cache, "kd", models["kd"], "int3", config)
+        again = pcptq.candidate(profile, data, cache, "kd", models["kd"], c.config.choice(), config)
+        assert again.folder == c.folder and again.config == c.config
+    with pytest.raises(ValueError, match="kind must be one of"):
+        PrecisionConfig(None, True, True, True, kind="int3")
+
+
+def test_the_chosen_candidate_makes_the_variant(profile, data, models, cache):
+    """``pcptq.choose`` records the choice as the variant's settings; ``study.make`` makes the variant
+    by it (the candidate already saved, so nothing is searched again), and its fast path."""
+    steps = dataclasses.replace(profile, pcptq_steps=5)  # short searches; the profile is their one source
+    found = pcptq.candidates(steps, data, cache, "kd", models["kd"], SearchConfig.for_profile(steps), (20.0,))
+    sweep = pd.DataFrame([{"model": "kd", "policy": c.label, "size_mb": float(i), "dev_id_acc": 0.5,
+                           "dev_sf_f1": 0.5} for i, c in enumerate(found)])
+    chosen = pcptq.selected(found, pcptq.select(sweep, {"id_acc": 0.5, "sf_f1": 0.5}, "kd"))
+    assert chosen is found[0]
+    pcptq.choose(steps, {"kd": chosen})
+    assert variants.config_of(steps, "kd_pcptq") == chosen.config.choice()
+    evaluation = study.make(steps, data, "kd_pcptq")
+    assert variants.folder_of(steps, "kd_pcptq") == chosen.folder.resolve()
+    assert evaluation.row()["model"] == "kd_pcptq"
+    study.make(steps, data, "kd_pcptq_fast")
+    assert variants.registered(steps)["kd_pcptq_fast"] == {"folder": str(chosen.folder.resolve()), "runtime": "fast"}
 
 
 def test_stored_bytes_match_the_floor_for_even_int4_and_shrink_with_bits(models):
@@ -207,7 +226,7 @@ def test_policy_table_is_component_by_layer():
 def test_variants_are_registered_and_loaded_by_name(profile, models):
     assert variants.folder_of(profile, "kd") == models["kd"].path.resolve()
     with pytest.raises(KeyError, match="run notebook 07 first"):
-        variants.folder_of(profile, "kd_pcptq")
+        variants.folder_of(profile, "baseline_pcptq")
     with pytest.raises(ValueError):
         variants.register(profile, "x", models["kd"].path, runtime="gpu")
 

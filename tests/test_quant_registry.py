@@ -1,11 +1,13 @@
-"""The quantization registry: every method saves a versioned ``quantization.json``, loading
-dispatches on the recorded method (never on which files a folder holds), an unknown method
-or another format version is refused by name, a new method is one class and one registration,
-and ``quant/`` stays clear of the training stack."""
+"""The quantization registry: every method saves a versioned ``quantization.json`` holding its
+typed settings (read back into the same config), loading dispatches on the recorded method (never
+on which files a folder holds), an unknown method or another format version is refused by name,
+a bad setting is refused when the config is made, a new method is one config, one class and one
+registration, and ``quant/`` stays clear of the training stack."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,9 +20,10 @@ from compactnlu import variants
 from compactnlu.artifacts import CHECKSUMS, RECORD_DIGEST, record_digest
 from compactnlu.config import load_profile
 from compactnlu.model import MultiTaskNLU
-from compactnlu.quant import (DETAILS_FILE, FORMAT_VERSION, METHODS, QuantizationMethod, apply_policy,
-                              load_quantized, precision_groups, quantize_dynamic, quantize_static, read_details,
-                              save_quantized)
+from compactnlu.quant import (DETAILS_FILE, FORMAT_VERSION, METHODS, DynamicConfig, MethodConfig, NBitsConfig,
+                              OnnxInt8Config, PrecisionConfig, QuantizationMethod, StaticConfig, apply_config,
+                              load_quantized, precision_groups, quantize_dynamic, quantize_static, read_config,
+                              read_details, save_quantized)
 from compactnlu.quant import registry
 from compactnlu.quant.method import skeleton, write_config
 from compactnlu.quant.stored import PrecisionLinear
@@ -29,16 +32,25 @@ from quant_helpers import make_batches, make_model
 QUANT_DIR = Path(compactnlu.__file__).parent / "quant"
 
 
+def config_of(method: str, model) -> MethodConfig:
+    if method == "static":
+        return StaticConfig(n_batches=2)
+    if method == "dynamic":
+        return DynamicConfig()
+    policy = {g: 8 for g in precision_groups(model, per_layer=True, embedding=True)}
+    return PrecisionConfig(policy, per_channel=True, per_layer=True, embedding=True, kind="uniform", bits=8)
+
+
 def saved(method: str, folder: Path) -> Path:
     model = make_model(seed=3)
+    config = config_of(method, model)
     if method == "static":
-        return save_quantized(quantize_static(model, make_batches(2), 2)[0], folder, method, {"n_batches": 2})
-    if method == "dynamic":
-        return save_quantized(quantize_dynamic(model), folder, method)
-    groups = precision_groups(model, per_layer=True, embedding=True)
-    policy = {g: 8 for g in groups}
-    details = {"policy": policy, "per_channel": True, "per_layer": True, "embedding": True}
-    return save_quantized(apply_policy(model, policy, groups), folder, method, details)
+        quantized = quantize_static(model, make_batches(2), config.n_batches)[0]
+    elif method == "dynamic":
+        quantized = quantize_dynamic(model)
+    else:
+        quantized = apply_config(model, config)
+    return save_quantized(quantized, folder, config)
 
 
 def logits(model, batch) -> dict[str, torch.Tensor]:
@@ -74,6 +86,53 @@ def test_saving_records_version_method_and_checksums_and_loads_back_exactly(meth
         assert torch.equal(value, logits(again, batch)[key]), key
 
 
+@pytest.mark.parametrize("method", ["static", "dynamic", "precision"])
+def test_the_record_holds_the_config_and_reads_back_into_it(method, tmp_path):
+    folder = saved(method, tmp_path / method)
+    config = config_of(method, make_model(seed=3))
+    record = read_details(folder)
+    assert {k: record[k] for k in dataclasses.asdict(config)} == dataclasses.asdict(config)
+    assert read_config(folder) == config and type(read_config(folder)) is type(config)
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: StaticConfig(n_batches=0), "n_batches"),
+    (lambda: StaticConfig(n_batches=None), "n_batches"),
+    (lambda: OnnxInt8Config(reduce_range="yes"), "reduce_range"),
+    (lambda: NBitsConfig(accuracy_level=2), "accuracy_level"),
+    (lambda: PrecisionConfig(None, True, True, True, kind="int3"), "kind"),
+    (lambda: PrecisionConfig(None, True, True, True, kind="searched"), "lam"),
+    (lambda: PrecisionConfig(None, True, True, True, kind="searched", lam=-1.0), "lam"),
+    (lambda: PrecisionConfig(None, True, True, True, kind="uniform"), "bits"),
+    (lambda: PrecisionConfig(None, True, True, True, kind="uniform", bits=1), "bit-width"),
+    (lambda: PrecisionConfig(None, True, True, True, kind="sensitivity", bits=4), "bits"),
+    (lambda: PrecisionConfig(None, True, True, True), "policy"),
+    (lambda: PrecisionConfig({"head.id": 17}, True, True, True), "policy"),
+    (lambda: PrecisionConfig({"head.id": 8}, 1, True, True), "per_channel"),
+    (lambda: PrecisionConfig({"head.id": 8}, True, True, True, kind="uniform", bits=4), "policy"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_a_bad_setting_is_refused_when_the_config_is_made(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_a_precision_config_is_a_choice_until_it_is_made_for_a_model():
+    choice = PrecisionConfig(None, True, True, True, kind="searched", lam=0.25)
+    assert choice.label == "lambda=0.25" and choice.for_model({"head.id": 8}).policy == {"head.id": 8}
+    assert choice.for_model({"head.id": 8}).choice() == choice
+    with pytest.raises(ValueError, match="no bits yet"):
+        choice.structure()
+    assert PrecisionConfig.from_record({**dataclasses.asdict(choice), "checksums": {}}) == choice
+    with pytest.raises(ValueError, match="the record has no per_layer"):  # a field missing is never defaulted
+        PrecisionConfig.from_record({"policy": {"head.id": 8}, "per_channel": True, "embedding": True})
+
+
+def test_a_config_is_saved_by_its_own_method_only(tmp_path):
+    with pytest.raises(ValueError, match="takes a StaticConfig, got DynamicConfig"):
+        registry.save_artifact(METHODS["static"], quantize_dynamic(make_model()), tmp_path / "q", DynamicConfig())
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("version", [None, 0, FORMAT_VERSION + 1])
 def test_a_missing_or_other_format_version_is_refused_by_name(tmp_path, version):
     folder = saved("dynamic", tmp_path / "q")
@@ -101,10 +160,16 @@ def test_load_follows_the_recorded_method_not_the_files(tmp_path):
         load_quantized(folder)
 
 
+@dataclasses.dataclass(frozen=True)
+class Float16Config(MethodConfig):
+    """The recipe's example: its settings (none to choose: every weight goes to float16)."""
+
+
 class Float16(QuantizationMethod):
     """The recipe's example: weights stored in float16, loaded back as a float32 model."""
 
     name = "fp16"
+    config = Float16Config
 
     def write(self, model, tmp, details):
         write_config(model, tmp)
@@ -120,11 +185,12 @@ class Float16(QuantizationMethod):
         return model.eval()
 
 
-def test_a_new_method_is_one_class_and_one_registration(tmp_path, monkeypatch):
+def test_a_new_method_is_one_config_one_class_and_one_registration(tmp_path, monkeypatch):
     monkeypatch.setitem(registry.METHODS, "fp16", Float16())
     model = make_model(seed=4)
-    folder = save_quantized(model, tmp_path / "half", "fp16", {"note": "example"})
-    assert read_details(folder)["note"] == "example"
+    folder = save_quantized(model, tmp_path / "half", Float16Config(), {"note": "example"})
+    assert read_details(folder)["method"] == "fp16" and read_details(folder)["note"] == "example"
+    assert read_config(folder) == Float16Config()
     loaded = load_quantized(folder)
     batch = make_batches(1)[0]
     for key, value in logits(loaded, batch).items():

@@ -9,8 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
+from compactnlu import variants
 from compactnlu.metrics import METRIC_COLUMNS
-from compactnlu.replicates import evaluated, locale_replicates, mean_std, replicate_name, seed_row, seeded
+from compactnlu.quant import PrecisionConfig
+from compactnlu.replicates import (evaluated, locale_replicates, mean_std, ptq_replicate, replicate_name, seed_row,
+                                   seeded)
 from compactnlu.train import budget_row, model_dir, nlu_config, train_model
 from test_train import artifacts, data, profile  # noqa: F401 (fixtures)
 
@@ -76,3 +79,14 @@ def test_an_evaluation_without_the_single_test_saves_and_reloads(profile, data, 
     assert calls == [1]
     row = seed_row("no_single", 0, again)
     assert math.isnan(row["massive_intent_acc"]) and not math.isnan(row["id_acc"])
+
+
+def test_a_seeds_variants_are_made_as_their_rows_say(profile, data, artifacts):  # noqa: F811
+    """Every variant of the baseline that the table replicates, for seed 1, by ``study.make`` (the
+    precision variant by the choice recorded for it), named for the seed and never registered."""
+    choice = PrecisionConfig(None, per_channel=True, per_layer=True, embedding=True, kind="uniform", bits=8)
+    variants.choose(profile, "baseline_pcptq", choice)
+    made = ptq_replicate(profile, data, 1, models=("baseline",))
+    assert list(made) == variants.replicated("baseline")
+    assert [e.row()["model"] for e in made.values()] == [replicate_name(v, 1) for v in made]
+    assert not any("@" in name for name in variants.registered(profile))

@@ -1,5 +1,6 @@
-"""The variant table (``compactnlu.variants``) is the one place that says what a variant is; the
-PTQ stage notebooks 05-07 share (``compactnlu.study.ptq_stage``) registers, evaluates and tabulates."""
+"""The variant table (``compactnlu.variants``) is the one place that says what a variant is, its
+method's settings included; ``compactnlu.study.make`` makes any variant from its row (built, saved,
+registered, evaluated), and the PTQ stage notebooks 05-07 share (``study.ptq_stage``) tabulates."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import re
 import pandas as pd
 import pytest
 
-from compactnlu import variants
+from compactnlu import study, variants
 from compactnlu.artifacts import upsert_rows
 from compactnlu.config import ROOT, load_profile
-from compactnlu.quant import METHODS
-from compactnlu.evaluation import evaluate_variant
-from compactnlu.study import bars, dynamic_quantizer, holds, ptq_stage
+from compactnlu.quant import METHODS, DynamicConfig, OnnxInt8Config, PrecisionConfig, StaticConfig, read_config
+from compactnlu.quant.onnx_int8 import reduce_range_for_cpu
+from compactnlu.evaluation import evaluate_variant, predictions_dir
+from compactnlu.study import bars, holds, ptq_stage
 from compactnlu.train import TEACHERS, train_model
 from test_train import artifacts, data, profile  # noqa: F401 (fixtures)
 
@@ -58,18 +60,20 @@ def test_queries_read_the_table():
         variants.lookup("kd_int3")
 
 
-def test_each_variant_is_registered_by_the_notebook_that_makes_it():
-    """The notebook the table names registers the variant (so ``predict(variant=...)`` works once it
-    has run), and no notebook lists variants or reads a variant's meaning from its name."""
+def test_each_variant_is_made_by_the_notebook_the_table_names():
+    """The notebook the table names makes the variant (``study.make``, which registers it, so
+    ``predict(variant=...)`` works once it has run), and no notebook lists variants or reads a
+    variant's meaning from its name."""
     for notebook in NOTEBOOKS:
         code = code_of(notebook)
         for name in variants.made_by(notebook.name):
             if name == "classic":  # not a registered artifact: train_classic reloads it
                 continue
-            literal = re.search(rf'register\(P, "{name}"', code)
+            made = re.search(rf'make\(P, data, "{name}"', code)
+            by_stage = re.search(rf'ptq_stage\(P, data, "{variants.lookup(name).method}"', code)
+            literal = re.search(rf'register\(P, "{name}"', code)  # notebooks 02-04's fp32 models
             looped = name in TEACHERS and "register(P, name, teachers[name].path)" in code
-            by_stage = re.search(rf'ptq_stage\(P, data, models, "{variants.lookup(name).method}"', code)
-            assert literal or looped or by_stage, f"{notebook.name} makes {name} but does not register it"
+            assert made or by_stage or literal or looped, f"{notebook.name} makes {name} but does not register it"
         assert not re.search(r'\.split\("_"\)', code), f"{notebook.name} reads a variant from its name"
         assert not re.search(r'\[\s*"baseline",\s*"(baseline|kd)_', code), f"{notebook.name} lists variants"
 
@@ -96,11 +100,29 @@ def test_bars_recompute_met():
     assert holds(0.7, "< 0.7") is False and holds(1.1, "> 1.0") is True
 
 
-def test_ptq_stage_registers_evaluates_and_tabulates(profile, data):  # noqa: F811
+def test_each_row_says_its_settings(profile):  # noqa: F811
+    assert variants.config_of(profile, "kd_static") == variants.STATIC == StaticConfig(n_batches=256)
+    assert variants.config_of(profile, "baseline_dynamic") == DynamicConfig()
+    assert variants.config_of(profile, "kd_onnx_int8") == OnnxInt8Config(reduce_range=reduce_range_for_cpu())
+    assert variants.config_of(profile, "kd") is None and variants.config_of(profile, "classic") is None
+    with pytest.raises(KeyError, match="no settings chosen .* run notebook 07 first"):
+        variants.config_of(profile, "kd_pcptq")
+    choice = PrecisionConfig(None, True, True, True, kind="uniform", bits=8)
+    variants.choose(profile, "kd_pcptq", choice)
+    assert variants.config_of(profile, "kd_pcptq") == choice
+    assert variants.config_of(profile, "kd_pcptq_fast") == choice  # a run-time path of kd_pcptq's artifact
+    with pytest.raises(ValueError, match="settings in the variant table"):
+        variants.choose(profile, "kd_static", StaticConfig(n_batches=4))
+    with pytest.raises(ValueError, match="takes a PrecisionConfig, not a StaticConfig"):
+        variants.choose(profile, "baseline_pcptq", StaticConfig(n_batches=4))
+    assert variants.table().set_index("name").config["kd_static"] == repr(variants.STATIC)
+
+
+def test_ptq_stage_makes_registers_evaluates_and_tabulates(profile, data):  # noqa: F811
     trained = train_model(profile, data, "baseline")
     variants.register(profile, "baseline", trained.path)
     evaluate_variant(trained.model, data, profile, "baseline")
-    table, evaluations = ptq_stage(profile, data, {"baseline": trained}, "dynamic", dynamic_quantizer(profile))
+    table, evaluations = ptq_stage(profile, data, "dynamic", models=("baseline",))
     assert list(evaluations) == ["baseline_dynamic"]
     assert variants.registered(profile)["baseline_dynamic"]["runtime"] == "torch"
     rows = table.set_index("variant")
@@ -111,6 +133,23 @@ def test_ptq_stage_registers_evaluates_and_tabulates(profile, data):  # noqa: F8
     assert set(single[single.variant == "baseline_dynamic"].locale) >= {"all"}
     loaded = variants.load(profile, "baseline_dynamic")  # what was registered loads back by name
     assert loaded.tasks == trained.model.tasks
+    assert read_config(variants.folder_of(profile, "baseline_dynamic")) == DynamicConfig()
+
+
+def test_make_builds_any_seed_and_registers_seed_0_only(profile, data, monkeypatch):  # noqa: F811
+    static = study.make(profile, data, "baseline_static")
+    folder = variants.folder_of(profile, "baseline_static")
+    available = -(-len(data.features["train"]) // profile.batch_size)
+    assert read_config(folder) == StaticConfig(n_batches=min(256, available))  # what it was calibrated on
+    assert static.row()["model"] == "baseline_static" and not static.single.empty
+
+    seed1 = study.make(profile, data, "baseline_static", seed=1, reuse=True)
+    assert seed1.row()["model"] == "baseline_static@seed1" and seed1.single.empty  # no single test for PTQ seeds
+    assert set(variants.registered(profile)) >= {"baseline", "baseline_static"}
+    assert not any("@" in name for name in variants.registered(profile))
+    assert (predictions_dir(profile, "baseline_static@seed1") / study.MADE_WITH).exists()
+    monkeypatch.setattr(study, "build", lambda *args: pytest.fail("made again"))
+    assert study.make(profile, data, "baseline_static", seed=1, reuse=True).row() == seed1.row()
 
 
 def test_every_quantized_variant_names_a_registered_method():

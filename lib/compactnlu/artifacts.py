@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import provenance
+
 
 @contextmanager
 def atomic_dir(final: Path | str):
@@ -173,6 +175,7 @@ def write_table(df: pd.DataFrame, path: Path | str, float_format: str = "%.4f") 
     atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format=float_format))
     md = df.to_markdown(index=False, floatfmt=float_format.lstrip("%"))
     atomic_write(path.with_suffix(".md"), lambda tmp: tmp.write_text(md + "\n", encoding="utf-8"))
+    provenance.note(path)
     return path
 
 

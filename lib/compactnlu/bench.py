@@ -1,8 +1,8 @@
 """Measurements made the same way for every variant of the study: size, time, memory.
 
 Time is the model's: batches are tokenized and padded before the clock starts (the same
-batches for every variant), and a pass is the forward plus the decisions that are scored
-(``interface.decide``: label sets for ID and DC, Viterbi for SF). Variants are
+batches for every variant), and a pass is what scoring runs too, ``interface.infer``: the
+forward plus the decisions (label sets for ID and DC, Viterbi for SF). Variants are
 interleaved, each repeat in a fresh seeded order, so drift of the machine hits them alike and
 no variant always runs after the same one.
 Peak memory is measured in a fresh process per variant (``python -m compactnlu.bench``),
@@ -27,8 +27,8 @@ from torch import nn
 
 from .config import PROFILES, load_profile
 from .cpu import cpu_model, has_vnni, isa_flags
-from .features import IGNORE, load_study_data
-from .interface import Decisions, NLUModel, decide
+from .features import load_study_data
+from .interface import IGNORE, infer
 from .quant import DETAILS_FILE, read_details
 from .quant.fast import kernel_summary
 from .quant.onnx_int8 import ORT_INT8
@@ -37,11 +37,14 @@ from .train import collator_for
 from .variants import load as load_variant
 
 # What a deployment loads: weights (embeddings included), scales, configs; not training logs.
-DEPLOYED = ("model.*", "config.json", "quantization.json")
+# The classic reference's files (``classic.FILES`` and its manifest) are named here rather than
+# imported, so sizing needs neither scikit-learn nor CRFsuite (a test checks they agree).
+DEPLOYED = ("model.*", "config.json", "quantization.json", "classic.json", "text.skops", "slots.crfsuite")
 
 
 def artifact_size_mb(folder: Path | str) -> float:
-    """Bytes on disk of a saved model artifact, in MB (10^6 bytes)."""
+    """Bytes on disk of a saved model artifact (any variant's folder, or the classic reference's),
+    in MB (10^6 bytes): its files alone, nothing imported or loaded."""
     folder = Path(folder)
     files = {p for pattern in DEPLOYED for p in folder.glob(pattern) if p.is_file()}
     if not files:
@@ -59,14 +62,6 @@ def prepared_batches(dataset, collator, batch_size: int) -> list[dict]:
         batches.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                         "word_mask": batch["slot_labels"] != IGNORE})
     return batches
-
-
-@torch.no_grad()
-def infer(model: NLUModel, batch: dict) -> Decisions:
-    """One batch the way a deployment answers it: the forward pass, then the scored decisions
-    (``interface.decide``: label sets with the argmax fallback, Viterbi paths)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return decide(out, batch.get("word_mask"), model)  # a model without SF needs no word mask
 
 
 def running_orders(names: list[str], repeats: int, seed: int = 0):

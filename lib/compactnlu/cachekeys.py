@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import provenance
 from .config import Profile, short_hash
 
 
@@ -88,11 +89,13 @@ def _value(profile: Profile, name: str):
 
 
 def artifact_key(profile: Profile, artifact: str, details: dict | None = None) -> str:
-    """12 hex characters naming ``artifact`` as ``profile`` (and ``details``) make it."""
+    """12 hex characters naming ``artifact`` as ``profile`` (and ``details``) make it with this
+    version of the library's code."""
     if artifact not in ARTIFACTS:
         raise KeyError(f"unknown artifact {artifact!r}; known: {', '.join(ARTIFACTS)}")
     return short_hash({
         "artifact": artifact,
+        "code": provenance.code_digest(),  # models trained by older library code are never reused
         "fields": {name: _value(profile, name) for name in shaping_fields(profile, artifact)},
         "derived_from": {parent: artifact_key(profile, parent) for parent in ARTIFACTS[artifact].derived_from},
         "details": details or {},

@@ -31,7 +31,7 @@ from .massive import PARTITIONS, load_massive
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, as XLMRobertaTokenizer expects
-IGNORE = -100
+IGNORE = -100  # also interface.IGNORE, for the layers above that need no data stack
 METASPACE = "▁"  # the word-boundary mark of SentencePiece-style tokenizers (XLM-R's too)
 SPLITS = ("train", "dev", "test", "test_single")
 

@@ -8,8 +8,8 @@ import unicodedata
 import torch
 
 from .config import Profile, load_profile
-from .features import IGNORE, encode_words, load_study_data
-from .interface import THRESHOLD, check_threshold, decide, label_sets
+from .features import encode_words, load_study_data
+from .interface import IGNORE, THRESHOLD, check_threshold, infer
 from .variants import load as load_variant
 
 
@@ -120,19 +120,13 @@ def predict(text: str, variant: str = "kd_pcptq", profile: str | Profile = "defa
     unreadable = unreadable_words(words, data.tokenizer)
     encoded = encode_words(data.tokenizer, [words], [["O"] * len(words)], {"O": 0}, profile.max_length)
     input_ids = torch.tensor(encoded["input_ids"])
-    labels = torch.tensor(encoded["slot_labels"])
-    out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "word_mask": torch.tensor(encoded["slot_labels"]) != IGNORE}
+    _, decisions = infer(model, batch, threshold)
     result = {"text": text, "variant": variant, "truncated": encoded["n_subwords"][0] > profile.max_length,
               "unseen_words": encoded["truncated_words"][0],
               "unreadable_words": len(unreadable), "unreadable": unreadable}
-    decisions = decide(out, labels != IGNORE, model, threshold)
-    for name, chosen, names in (("intents", decisions.intents, intent_names),
-                                ("domains", decisions.domains, domain_names)):
-        if chosen is not None:
-            result[name] = [names[i] for i in label_sets(chosen)[0]]
-    if decisions.slots is not None:
-        path = decisions.slots[0]
-        tags = [tag_names[t] for t in path] + ["O"] * (len(words) - len(path))
-        result["tags"] = tags
-        result["slots"] = spans(words, tags)
+    result.update(decisions.named(intent_names, domain_names, tag_names, n_words=[len(words)])[0])
+    if "tags" in result:
+        result["slots"] = spans(words, result["tags"])
     return result

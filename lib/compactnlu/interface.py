@@ -3,9 +3,10 @@
 A variant (the float model, its quantized and fast copies, the ONNX Runtime session) is an
 :class:`NLUModel`: called on ``input_ids`` and ``attention_mask`` it returns an
 :class:`NLUOutput`, and ``decode_slots`` runs the CRF's Viterbi on its slot logits.
-:func:`decide` turns an output into the study's decisions; scoring (``metrics.predict``),
-timing (``bench.infer``), the fast kernels' check (``quant.fast.agreement``) and
-``inference.predict`` all call it, so what is timed is what is scored.
+:func:`decide` turns an output into the study's decisions (``quant.fast.agreement`` compares
+two variants by it), and :func:`infer` a batch into its output and decisions: scoring
+(``metrics.predict``), timing (``bench``) and ``inference.predict`` all answer through
+:func:`infer`, so what is timed is what is scored.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ import torch
 from transformers.utils import ModelOutput
 
 THRESHOLD = 0.5  # ID and DC: every label whose sigmoid is at least this
+# The slot label of every subword but a word's first (and of padding): torch's default ignore
+# index. ``features.IGNORE``, which writes it, holds the same value (a test checks): features is a
+# lower layer, so it cannot import it from here, and importing it from features would load the
+# data stack (datasets, sentencepiece) with every model.
+IGNORE = -100
 
 
 @dataclass
@@ -68,6 +74,20 @@ class Decisions:
     domains: torch.Tensor | None = None
     slots: list[list[int]] | None = None
 
+    def named(self, intents, domains, tags, n_words: list[int]) -> list[dict]:
+        """Each example's decisions as label names: ``intents``, ``domains`` and ``tags``, one tag
+        for each of its ``n_words`` words (a word cut off by truncation has none: "O"); a task the
+        model lacks is absent."""
+        rows: list[dict] = [{} for _ in n_words]
+        for key, chosen, names in (("intents", self.intents, intents), ("domains", self.domains, domains)):
+            if chosen is not None:
+                for row, chosen_ids in zip(rows, label_sets(chosen)):
+                    row[key] = [names[k] for k in chosen_ids]
+        if self.slots is not None:
+            for row, path, n in zip(rows, self.slots, n_words):
+                row["tags"] = [tags[t] for t in path] + ["O"] * (n - len(path))
+        return rows
+
 
 def check_threshold(threshold) -> float:
     """``threshold`` as a float; anything but a finite number in (0, 1) is a ValueError: at 0 or
@@ -107,3 +127,13 @@ def decide(output: NLUOutput, word_mask: torch.Tensor | None, model: NLUModel,
         intents=None if output.intent_logits is None else choose_labels(torch.sigmoid(output.intent_logits), threshold),
         domains=None if output.domain_logits is None else choose_labels(torch.sigmoid(output.domain_logits), threshold),
         slots=None if output.slot_logits is None else model.decode_slots(output.slot_logits, word_mask))
+
+
+@torch.no_grad()
+def infer(model: NLUModel, batch: dict, threshold: float = THRESHOLD, **labels) -> tuple[NLUOutput, Decisions]:
+    """The study's one way to answer a batch: the forward pass on its ``input_ids`` and
+    ``attention_mask``, then :func:`decide` over its ``word_mask`` (the first subword of each
+    word; a model without SF needs none). ``labels`` go to the forward pass, for a loss when
+    scoring; the benchmark passes none, so a timed pass is the forward and the decisions only."""
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **labels)
+    return output, decide(output, batch.get("word_mask"), model, threshold)

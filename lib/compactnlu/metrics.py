@@ -28,12 +28,13 @@ from tqdm.auto import tqdm
 
 from .artifacts import atomic_write
 from .compose import LabelSpace, multi_hot, one_label_per_word  # noqa: F401 (part of metrics' API)
-from .features import IGNORE
-from .interface import THRESHOLD, NLUModel, decide, label_sets
+from .interface import IGNORE, THRESHOLD, NLUModel, infer
 
 METRIC_COLUMNS = ["id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1"]
 # the feature columns the study's collators read
 MODEL_INPUTS = ["input_ids", "slot_labels", "intent_ids", "scenario_ids"]
+# the collator's targets, which the forward pass takes for the eval loss
+LOSS_LABELS = ("intent_labels", "domain_labels", "slot_labels")
 
 
 @torch.no_grad()
@@ -41,15 +42,15 @@ def predict(model: NLUModel, dataset, collator, labels: LabelSpace, batch_size: 
             threshold: float = THRESHOLD, desc: str = "predict") -> pd.DataFrame:
     """One row per example: gold and predicted intents, domains and word tags, plus scores.
 
-    ``model`` is any ``interface.NLUModel`` (float, quantized, distilled, ONNX Runtime), decided
-    by ``interface.decide``. Batches are formed by length for speed; rows come back in dataset order.
+    ``model`` is any ``interface.NLUModel`` (float, quantized, distilled, ONNX Runtime), answered
+    by ``interface.infer``. Batches are formed by length for speed; rows come back in dataset order.
     ``df.attrs["eval_loss"]`` holds the mean loss where the model computes one.
     """
     model.eval()
     lengths = np.asarray(dataset["n_subwords"][:])
     order = np.argsort(lengths, kind="stable")
     meta = dataset.select_columns(["uid", "locale", "n_parts", "intents", "scenarios", "tags"]).to_pandas()
-    tag_names = labels.tags  # a property that builds the tuple anew on each access
+    names = labels.intents, labels.scenarios, labels.tags  # tags: a property that builds the tuple anew
     rows: dict[int, dict] = {}
     losses, weights = [], []
     inputs = dataset.select_columns([c for c in MODEL_INPUTS if c in dataset.column_names])
@@ -57,28 +58,24 @@ def predict(model: NLUModel, dataset, collator, labels: LabelSpace, batch_size: 
         idx = order[start:start + batch_size].tolist()
         columns = inputs[idx]  # one columnar read a batch, not one row read an example
         batch = collator([dict(zip(columns, values)) for values in zip(*columns.values())])
-        out = model(**batch)
+        batch["word_mask"] = batch["slot_labels"] != IGNORE
+        out, decisions = infer(model, batch, threshold, **{k: batch[k] for k in LOSS_LABELS})
         if out.loss is not None:
             losses.append(float(out.loss))
             weights.append(len(idx))
-        decisions = decide(out, batch["slot_labels"] != IGNORE, model, threshold)
         intent_probs = torch.sigmoid(out.intent_logits).numpy() if out.intent_logits is not None else None
-        intent_sets = label_sets(decisions.intents) if decisions.intents is not None else None
-        domain_sets = label_sets(decisions.domains) if decisions.domains is not None else None
-        paths = decisions.slots
-        for j, i in enumerate(idx):
+        # words cut by truncation have no prediction: ``named`` counts them as O
+        named = decisions.named(*names, n_words=[len(meta.at[i, "tags"]) for i in idx])
+        for j, (i, answer) in enumerate(zip(idx, named)):
             row = {}
-            if intent_sets is not None:
-                row["intents_pred"] = [labels.intents[k] for k in intent_sets[j]]
+            if "intents" in answer:
+                row["intents_pred"] = answer["intents"]
                 row["intent_top"] = labels.intents[int(intent_probs[j].argmax())]
                 row["intent_top_prob"] = float(intent_probs[j].max())
-            if domain_sets is not None:
-                row["scenarios_pred"] = [labels.scenarios[k] for k in domain_sets[j]]
-            if paths is not None:
-                predicted = [tag_names[t] for t in paths[j]]
-                gold_len = len(meta.at[i, "tags"])
-                # words cut by truncation have no prediction: count them as O
-                row["tags_pred"] = predicted + ["O"] * (gold_len - len(predicted))
+            if "domains" in answer:
+                row["scenarios_pred"] = answer["domains"]
+            if "tags" in answer:
+                row["tags_pred"] = answer["tags"]
             rows[i] = row
     pred = pd.DataFrame([rows[i] for i in range(len(dataset))])
     df = pd.concat([meta.rename(columns={"intents": "intents_gold", "scenarios": "scenarios_gold",

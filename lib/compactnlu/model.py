@@ -23,8 +23,7 @@ from torch import nn
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
 from .artifacts import RERUN, read_json, read_safetensors, verify_checksums, with_checksums, without_seal, write_json
-from .features import IGNORE
-from .interface import NLUOutput
+from .interface import IGNORE, NLUOutput
 
 TASKS = ("id", "dc", "sf")
 POOLINGS = ("mean", "max", "cls")

@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 import transformers
 
+from . import provenance
 from .artifacts import read_json, write_json
 from .config import ROOT, Profile, load_profile
 
@@ -22,6 +23,7 @@ def start(profile: str, overrides: dict | None = None) -> Profile:
     if os.environ.get("PAPERMILL_EXECUTION") or not os.isatty(1):
         datasets.disable_progress_bars()
     p = load_profile(profile, overrides)
+    provenance.set_run(p)  # every table and figure this notebook writes names its code and profile
     changed = {k: v for k, v in (overrides or {}).items()}
     print(f"profile: {p.name}" + (f" with overrides {changed}" if changed else ""))
     print(f"MASSIVE: {p.data_dir}" + (" (synthetic stand-in corpus)" if p.synthetic_data else ""))

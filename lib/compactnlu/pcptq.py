@@ -1,15 +1,17 @@
 """Notebook 07's study: precision-controlled PTQ policies of a trained model, searched, exported,
 measured, and one of them picked by a rule fixed before any test number is seen.
 
-Every candidate (a λ of the search, a uniform bit-width, the sensitivity-only policy) is
-saved with ``save_quantized(method="precision")`` under ``artifacts/quantized/``, keyed by
-the fp32 model it came from and every setting of its search, so a rerun reloads it.
+Every candidate is a ``PrecisionConfig`` (a λ of the search, a uniform bit-width, the
+sensitivity-only policy) made for a trained model (:func:`candidate`) and saved by the precision
+method under ``artifacts/quantized/``, keyed by the fp32 model it came from and every setting of
+its search, so a rerun reloads it. The one selected is recorded, as a ``PrecisionConfig``, as its
+variant's settings (:func:`choose`): every training seed's model is given the same choice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +19,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import variants
 from .artifacts import atomic_write, read_json, write_json
 from .bench import artifact_size_mb
 from .distill import DistillCollator, DistillConfig, Distiller, attach_rows, teacher_hidden_size
 from .metrics import METRIC_COLUMNS, predict, task_metrics
-from .quant import load_quantized, quantized_dir, read_details, save_quantized
-from .quant.precision import export_policy
+from .quant import PrecisionConfig, apply_config, load_quantized, quantized_dir, read_config, save_quantized
 from .quant.search import SearchConfig, model_bytes, search_policy, sensitivity_only_policy, uniform_policy
 from .train import collator_for
 
@@ -39,12 +41,14 @@ SELECTION_RULE = ("the smallest artifact whose dev id_acc and sf_f1 are both wit
 @dataclass
 class Candidate:
     model: str  # the fp32 model it quantizes: "kd" or "baseline"
-    policy_name: str  # "lambda=0.5", "uniform-4", "sensitivity"
-    lam: float | None
-    policy: dict[str, int]
+    config: PrecisionConfig  # how its bits were chosen, and the bits
     folder: Path
     quantized: nn.Module
-    history: pd.DataFrame | None = None  # the search's steps (λ candidates only)
+    history: pd.DataFrame | None = None  # the search's steps (searched candidates only)
+
+    @property
+    def label(self) -> str:
+        return self.config.label
 
 
 def teacher_batches(data, cache: dict, collator, batch_size: int, seed: int) -> Iterator[dict]:
@@ -88,60 +92,60 @@ def sensitivity_only(model: nn.Module, data, cache: dict, config: SearchConfig) 
     return policy
 
 
-def _saved(folder: Path) -> tuple[dict, pd.DataFrame | None]:
-    details = read_details(folder)
-    history = folder / "search_history.csv"
-    return details, (pd.read_csv(history) if history.exists() else None)
-
-
 def searched(profile, data, cache, name: str, trained, config: SearchConfig) -> Candidate:
     """Algorithm 1 on ``trained.model`` at ``config.lam`` (loaded when already done)."""
-    details = {**config.details(), "source": Path(trained.path).name}
-    folder = quantized_dir(profile, f"{name}_pcptq", trained.path, details, artifact="pcptq")
-    label = f"lambda={config.lam:g}"
+    choice = PrecisionConfig(None, config.per_channel, config.per_layer, config.embedding, kind="searched",
+                             lam=config.lam)
+    # the flags beside the search's settings: how searches have always been keyed, so saved ones are found
+    key = {"search": asdict(config), "per_channel": config.per_channel, "per_layer": config.per_layer,
+           "embedding": config.embedding}
+    folder = quantized_dir(profile, f"{name}_pcptq", trained.path, key, artifact="pcptq")
     if not folder.exists():
-        result = search(trained.model, data, cache, config, desc=f"{name} {label}")
-        save_quantized(result.model, folder, "precision", {**details, "policy": result.policy,
-                                                            "probabilities": result.probabilities.to_dict("index")})
+        result = search(trained.model, data, cache, config, desc=f"{name} {choice.label}")
+        save_quantized(result.model, folder, choice.for_model(result.policy),
+                       {"search": asdict(config), "source": Path(trained.path).name,
+                        "probabilities": result.probabilities.to_dict("index")})
         atomic_write(folder / "search_history.csv", lambda tmp: result.history.to_csv(tmp, index=False))
-    saved, history = _saved(folder)
-    return Candidate(name, label, config.lam, saved["policy"], folder, load_quantized(folder, labels=data.labels), history)
+    history = folder / "search_history.csv"
+    return Candidate(name, choice.for_model(read_config(folder).policy), folder,
+                     load_quantized(folder, labels=data.labels), pd.read_csv(history) if history.exists() else None)
 
 
-def fixed(profile, name: str, trained, policy_name: str, policy: dict[str, int], config: SearchConfig) -> Candidate:
-    """A policy applied to the trained weights as they are (no search, no fine-tuning)."""
-    details = {"policy": policy, "per_channel": config.per_channel, "per_layer": config.per_layer,
-               "embedding": config.embedding, "source": Path(trained.path).name}
-    folder = quantized_dir(profile, f"{name}_{policy_name}", trained.path, details)
+def fixed(profile, name: str, trained, config: PrecisionConfig) -> Candidate:
+    """``config``'s bits applied to the trained weights as they are (no search, no fine-tuning)."""
+    folder = quantized_dir(profile, f"{name}_{config.label}", trained.path, config.structure())
     if not folder.exists():
-        quantized = export_policy(trained.model, policy, config.per_layer, config.embedding, config.per_channel)
-        save_quantized(quantized, folder, "precision", details)
-    return Candidate(name, policy_name, None, policy, folder, load_quantized(folder))
+        save_quantized(apply_config(trained.model, config), folder, config, {"source": Path(trained.path).name})
+    return Candidate(name, config, folder, load_quantized(folder))
+
+
+def candidate(profile, data, cache, name: str, trained, choice: PrecisionConfig, config: SearchConfig) -> Candidate:
+    """``choice`` made for ``trained`` (loaded when made before): Algorithm 1 at its λ, or its bits
+    (one width, the sensitivity-only policy, or given) applied to the trained weights as they are.
+    ``config``: the search's settings (its groups and scales are ``choice``'s)."""
+    config = replace(config, per_channel=choice.per_channel, per_layer=choice.per_layer, embedding=choice.embedding)
+    if choice.kind == "searched":
+        return searched(profile, data, cache, name, trained, replace(config, lam=choice.lam))
+    if choice.kind == "uniform":
+        policy = uniform_policy(trained.model, choice.bits, choice.per_layer, choice.embedding)
+    elif choice.kind == "sensitivity":
+        policy = sensitivity_only(trained.model, data, cache, config)
+    else:
+        policy = choice.policy
+    return fixed(profile, name, trained, choice.for_model(policy))
+
+
+def choices(config: SearchConfig, lambdas) -> list[PrecisionConfig]:
+    """Notebook 07's candidates: the λ sweep, one uniform policy per width, the sensitivity-only policy."""
+    flags = {"per_channel": config.per_channel, "per_layer": config.per_layer, "embedding": config.embedding}
+    return ([PrecisionConfig(None, kind="searched", lam=float(lam), **flags) for lam in lambdas]
+            + [PrecisionConfig(None, kind="uniform", bits=bits, **flags) for bits in config.bits]
+            + [PrecisionConfig(None, kind="sensitivity", **flags)])
 
 
 def candidates(profile, data, cache, name: str, trained, config: SearchConfig, lambdas) -> list[Candidate]:
-    """The λ sweep, the uniform policies at each candidate width, and the sensitivity-only policy."""
-    out = [searched(profile, data, cache, name, trained, replace(config, lam=float(lam))) for lam in lambdas]
-    for bits in config.bits:
-        out.append(fixed(profile, name, trained, f"uniform-{bits}",
-                         uniform_policy(trained.model, bits, config.per_layer, config.embedding), config))
-    out.append(fixed(profile, name, trained, "sensitivity", sensitivity_only(trained.model, data, cache, config),
-                     config))
-    return out
-
-
-def reapply(profile, data, cache, name: str, trained, policy_name: str, config: SearchConfig) -> Candidate:
-    """The candidate called ``policy_name`` (as :func:`candidates` names them) made for ``trained``:
-    how a policy selected on one training seed is carried to the models of the others."""
-    if policy_name.startswith("lambda="):
-        return searched(profile, data, cache, name, trained, replace(config, lam=float(policy_name[7:])))
-    if policy_name.startswith("uniform-"):
-        bits = int(policy_name[8:])
-        return fixed(profile, name, trained, policy_name,
-                     uniform_policy(trained.model, bits, config.per_layer, config.embedding), config)
-    if policy_name == "sensitivity":
-        return fixed(profile, name, trained, policy_name, sensitivity_only(trained.model, data, cache, config), config)
-    raise ValueError(f"unknown PC-PTQ policy {policy_name!r}; expected lambda=<x>, uniform-<bits> or sensitivity")
+    """Every one of :func:`choices` made for ``trained``."""
+    return [candidate(profile, data, cache, name, trained, choice, config) for choice in choices(config, lambdas)]
 
 
 def split_metrics(model: nn.Module, data, split: str) -> dict[str, float]:
@@ -156,7 +160,7 @@ def measure(candidate: Candidate, data, cache_dir: Path) -> dict:
     if path.exists():
         return read_json(path)
     sizes = model_bytes(candidate.quantized)
-    row = {"model": candidate.model, "policy": candidate.policy_name, "lam": candidate.lam,
+    row = {"model": candidate.model, "policy": candidate.label, "lam": candidate.config.lam,
            "size_mb": artifact_size_mb(candidate.folder), "floor_mb": sizes["floor"] / 1e6,
            "dev": split_metrics(candidate.quantized, data, "dev"),
            "test": split_metrics(candidate.quantized, data, "test"), "folder": candidate.folder.name}
@@ -180,3 +184,16 @@ def select(sweep: pd.DataFrame, reference_dev: dict[str, float], model: str, tol
     if len(close):
         return close.sort_values(["size_mb", "dev_id_acc"], ascending=[True, False]).iloc[0]
     return rows.loc[(rows.dev_id_acc + rows.dev_sf_f1).idxmax()]
+
+
+def selected(candidates: list[Candidate], row: pd.Series) -> Candidate:
+    """The candidate of ``candidates`` that a row of the sweep (``select``'s answer) shows."""
+    return next(c for c in candidates if c.label == row.policy)
+
+
+def choose(profile, chosen: Mapping[str, Candidate]) -> None:
+    """Record each model's chosen candidate as its precision variant's settings (``variants.choose``):
+    ``compactnlu.study.make`` makes that variant of every training seed's model by the same choice."""
+    for name, c in chosen.items():
+        (variant,) = variants.derived(name, method="precision", runtime="torch")
+        variants.choose(profile, variant, c.config.choice())

@@ -34,6 +34,7 @@ import pandas as pd
 import papermill as pm
 from papermill.exceptions import PapermillExecutionError
 
+from . import provenance
 from .artifacts import sha256_file, write_json, write_table
 from .config import ROOT, load_profile, parse_override
 
@@ -45,7 +46,9 @@ def numbered_notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
 
 
 def _stage_hash(notebook: Path, parameters: dict) -> str:
-    blob = notebook.read_bytes() + json.dumps(parameters, sort_keys=True, default=str).encode()
+    """What a finished stage is keyed by: the notebook, its parameters and the library's code."""
+    blob = notebook.read_bytes() + json.dumps(parameters, sort_keys=True, default=str).encode() + \
+        provenance.code_digest().encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -232,6 +235,7 @@ def run(profile: str = "default", overrides: dict | None = None, *, force: bool 
     notebook, status and seconds."""
     config = load_profile(profile, overrides)  # fail early on a bad profile or override
     chosen = selected_notebooks(notebooks or numbered_notebooks(), only)
+    provenance.set_run(config)
     with runner_lock(config.artifacts_dir.resolve()):
         return _run(config, profile, overrides, chosen, force=force, custom=notebooks is not None, out_dir=out_dir)
 

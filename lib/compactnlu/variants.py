@@ -1,18 +1,22 @@
 """Every variant of the study: one table of what each is, and where each one's artifact lies.
 
 :data:`VARIANTS` is the one place that says what a variant is: the fp32 model it comes from,
-the variant it is derived from, its method, the run-time that loads it and the notebook that makes
-it. Table order, the benchmark's list and the fp32 reference of each quantized variant are read
-from it (:func:`table`, :func:`benchmarked`, :func:`made_by`, :func:`derived`), never from a name.
+the variant it is derived from, its method and that method's settings, the run-time that loads it
+and the notebook that makes it. Table order, the benchmark's list and the fp32 reference of each
+quantized variant are read from it (:func:`table`, :func:`benchmarked`, :func:`made_by`,
+:func:`derived`), and a variant's settings too (:func:`config_of`), never from a name.
 
-The notebook that makes a variant registers its artifact folder (``artifacts/variants/<result
-key>.json``); later notebooks and the ``predict`` helper load it by name (:func:`load`).
+``compactnlu.study.make`` makes a variant from its row and registers its artifact folder
+(``artifacts/variants/<result key>.json``); later notebooks and the ``predict`` helper load it by
+name (:func:`load`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pandas as pd
@@ -22,8 +26,23 @@ from .artifacts import read_json, write_json
 from .cachekeys import artifact_dir
 from .config import Profile
 from .model import MultiTaskNLU
-from .quant import load_quantized
+from .quant import (METHODS, DynamicConfig, MethodConfig, NBitsConfig, OnnxInt8Config, StaticConfig,
+                    load_quantized)
 from .quant.fast import to_fast
+
+
+class Chosen:
+    """The settings of a row that the notebook making it chooses (notebook 07's selection among
+    its candidates), recorded with :func:`choose`."""
+
+    def __repr__(self) -> str:
+        return "CHOSEN"
+
+
+CHOSEN = Chosen()
+# A row's settings: the method's config, a function of the profile that gives it, CHOSEN, or None
+# (a trained model, or a run-time path of the artifact of the variant it is derived from).
+Settings = MethodConfig | Callable[[Profile], MethodConfig] | Chosen | None
 
 
 @dataclass(frozen=True)
@@ -36,10 +55,17 @@ class Variant:
     notebook: str  # the notebook that makes and registers it
     replicated: bool  # made once per training seed (notebooks 02, 04, 08); else seed 0 only
     benchmarked: bool  # timed by notebook 08 and broken down by notebook 09
+    config: Settings = None  # the method's settings (Settings above)
 
 
-def _v(name, model, derived_from, method, runtime, notebook, replicated=True, benchmarked=True) -> Variant:
-    return Variant(name, model, derived_from, method, runtime, notebook, replicated, benchmarked)
+def _v(name, model, derived_from, method, runtime, notebook, replicated=True, benchmarked=True,
+       config: Settings = None) -> Variant:
+    return Variant(name, model, derived_from, method, runtime, notebook, replicated, benchmarked, config)
+
+
+# The reported static models' calibration: 256 training batches, as in the paper's experiments
+# (notebook 05 sweeps 1-256 beside them); a profile with fewer batches calibrates on all it has.
+STATIC = StaticConfig(n_batches=256)
 
 
 # In the order the study's tables list them.
@@ -49,15 +75,17 @@ VARIANTS = (
     _v("teacher_iddc", "teacher_iddc", None, "fp32", "torch", "03", replicated=False, benchmarked=False),
     _v("teacher_dcsf", "teacher_dcsf", None, "fp32", "torch", "03", replicated=False, benchmarked=False),
     _v("kd", "kd", None, "fp32", "torch", "04"),
-    _v("baseline_static", "baseline", "baseline", "static", "torch", "05"),
-    _v("baseline_dynamic", "baseline", "baseline", "dynamic", "torch", "06"),
-    _v("kd_static", "kd", "kd", "static", "torch", "05"),
-    _v("kd_dynamic", "kd", "kd", "dynamic", "torch", "06"),
-    _v("kd_pcptq", "kd", "kd", "precision", "torch", "07"),
-    _v("baseline_pcptq", "baseline", "baseline", "precision", "torch", "07"),
+    _v("baseline_static", "baseline", "baseline", "static", "torch", "05", config=STATIC),
+    _v("baseline_dynamic", "baseline", "baseline", "dynamic", "torch", "06", config=DynamicConfig()),
+    _v("kd_static", "kd", "kd", "static", "torch", "05", config=STATIC),
+    _v("kd_dynamic", "kd", "kd", "dynamic", "torch", "06", config=DynamicConfig()),
+    _v("kd_pcptq", "kd", "kd", "precision", "torch", "07", config=CHOSEN),
+    _v("baseline_pcptq", "baseline", "baseline", "precision", "torch", "07", config=CHOSEN),
     _v("kd_pcptq_fast", "kd", "kd_pcptq", "precision", "fast", "07", replicated=False),
-    _v("kd_pcptq_onnx", "kd", "kd_pcptq", "onnx_matmulnbits", "onnx", "08", replicated=False),
-    _v("kd_onnx_int8", "kd", "kd", "onnxruntime_dynamic", "onnx", "08", replicated=False),
+    _v("kd_pcptq_onnx", "kd", "kd_pcptq", "onnx_matmulnbits", "onnx", "08", replicated=False, config=NBitsConfig()),
+    # reduce_range is the CPU's choice (quant.onnx_int8), not the profile's
+    _v("kd_onnx_int8", "kd", "kd", "onnxruntime_dynamic", "onnx", "08", replicated=False,
+       config=lambda profile: OnnxInt8Config.for_this_cpu()),
     _v("classic", "classic", None, "classic", "sklearn", "02", replicated=False, benchmarked=False),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
@@ -68,8 +96,12 @@ RUNTIMES = ("torch", "fast", "onnx")
 
 
 def table() -> pd.DataFrame:
-    """The variant table, one row per variant."""
-    return pd.DataFrame([asdict(v) for v in VARIANTS])
+    """The variant table, one row per variant (``config``: the settings as written, a function's
+    as "from the profile")."""
+    rows = [{f.name: getattr(v, f.name) for f in fields(Variant)} for v in VARIANTS]
+    shown = ["from the profile" if callable(v.config) else "" if v.config is None else repr(v.config)
+             for v in VARIANTS]
+    return pd.DataFrame(rows).assign(config=shown)
 
 
 def lookup(name: str) -> Variant:
@@ -122,6 +154,43 @@ def benchmarked(methods: tuple[str, ...] | None = None) -> list[str]:
     return [v.name for m in models for v in chosen if v.model == m]
 
 
+def config_of(profile: Profile, name: str) -> MethodConfig | None:
+    """The settings variant ``name`` is made with on ``profile``: its row's, or the function's
+    answer, or what :func:`choose` recorded; a run-time path has its source artifact's; None for
+    a trained model."""
+    row = lookup(name)
+    if row.config is None:
+        same_artifact = row.derived_from is not None and lookup(row.derived_from).method == row.method
+        return config_of(profile, row.derived_from) if same_artifact else None
+    if isinstance(row.config, Chosen):
+        chosen = _read(_chosen_path(profile)).get(name)
+        if chosen is None:
+            raise KeyError(f"variant {name!r} has no settings chosen for profile {profile.name!r}: run notebook "
+                           f"{row.notebook} first")
+        return METHODS[row.method].config.from_record(chosen)
+    return row.config(profile) if callable(row.config) else row.config
+
+
+def choose(profile: Profile, name: str, config: MethodConfig) -> None:
+    """Record ``config`` as the settings of ``name``, a row whose settings its notebook chooses (CHOSEN)."""
+    row = lookup(name)
+    if not isinstance(row.config, Chosen):
+        raise ValueError(f"variant {name!r} has its settings in the variant table; only a CHOSEN row's are chosen")
+    if not isinstance(config, METHODS[row.method].config):
+        raise ValueError(f"variant {name!r} is made by {row.method!r}, which takes a "
+                         f"{METHODS[row.method].config.__name__}, not a {type(config).__name__}")
+    path = _chosen_path(profile)
+    write_json(path, {**_read(path), name: dataclasses.asdict(config)})
+
+
+def _chosen_path(profile: Profile) -> Path:
+    return artifact_dir(profile, "variants", "chosen").with_suffix(".json")
+
+
+def _read(path: Path) -> dict:
+    return read_json(path) if path.exists() else {}
+
+
 def upsert_rows(path: Path | str, rows: pd.DataFrame, key: list[str]) -> pd.DataFrame:
     """:func:`compactnlu.artifacts.upsert_rows` with the rows kept in the table's order."""
     return artifacts.upsert_rows(path, rows, key, order=ORDER)
@@ -139,14 +208,11 @@ def register(profile: Profile, name: str, folder: Path | str, runtime: str | Non
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     path = _registry(profile)
-    entries = read_json(path) if path.exists() else {}
-    entries[name] = {"folder": str(Path(folder).resolve()), "runtime": runtime}
-    write_json(path, entries)
+    write_json(path, {**_read(path), name: {"folder": str(Path(folder).resolve()), "runtime": runtime}})
 
 
 def registered(profile: Profile) -> dict[str, dict]:
-    path = _registry(profile)
-    return read_json(path) if path.exists() else {}
+    return _read(_registry(profile))
 
 
 def folder_of(profile: Profile, name: str) -> Path:

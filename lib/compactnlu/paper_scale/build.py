@@ -1,6 +1,8 @@
-"""Every PTQ method of the study built on the model at the paper's shape: each variant saved
-to a scratch folder (its bytes measured, the folder deleted), smoke-run once (its warm-up)
-and kept in memory for the timing; a method that fails leaves its error in ``note``."""
+"""Every PTQ method of the study built on the model at the paper's shape, named as the study's
+variants are (``variants.VARIANTS``; ``fp32`` is the random float model, which stands for both
+trained models, and ``uniform8``/``uniform4`` are two of notebook 07's candidates): each saved with
+its method's settings to a scratch folder (its bytes measured, the folder deleted), smoke-run once
+(its warm-up) and kept in memory for the timing; a method that fails leaves its error in ``note``."""
 
 from __future__ import annotations
 
@@ -17,23 +19,26 @@ from pathlib import Path
 
 import torch
 
-from .. import bench
+from .. import bench, variants
+from ..interface import infer
 from ..model import MultiTaskNLU
 from ..onnx_runtime import OnnxNLU, export_onnx
-from ..quant import (apply_policy, export_precision_onnx, precision_groups, quantize_dynamic, quantize_onnx_dynamic,
-                     quantize_static, save_quantized)
-from ..quant.onnx_nbits import ACCURACY_LEVEL
+from ..quant import (DynamicConfig, NBitsConfig, OnnxInt8Config, PrecisionConfig, StaticConfig, apply_config,
+                     quantize_dynamic, quantize_static, save_quantized)
 from ..quant.fast import to_fast
 from .inputs import Inputs
-from .policy import StudyPolicy, map_policy, uniform
+from .policy import StudyPolicy, mapped, uniform
 from .shape import Settings, build_model
+
+FLOAT = "fp32"  # the random float model every other variant is made from
+
 
 @dataclass
 class Variant:
     name: str
-    method: str
+    method: str  # the quantization method's registered name, or fp32
     path: str  # how it runs: torch float, torch.ao, paper path, fast path, ONNX Runtime
-    policy: str = ""
+    policy: str = ""  # a precision policy's label
     model: object | None = None  # None when the method failed
     size_mb: float = math.nan
     kernels: str = ""
@@ -72,7 +77,7 @@ class Builder:
         start = time.perf_counter()
         try:
             model, size_mb, kernels = build(folder)
-            bench.infer(model, self.inputs.batch32)
+            infer(model, self.inputs.batch32)
             variant.model, variant.size_mb, variant.kernels = model, size_mb, kernels
         except Exception as error:  # a method that fails at this scale is a finding, not a crash
             variant.note = "; ".join(filter(None, [variant.note, failure_note(error)]))
@@ -125,7 +130,7 @@ def fp32_build(model):
 def static_build(model, calibration):
     def build(folder):
         quantized, used = quantize_static(model, iter(calibration), len(calibration))
-        save_quantized(quantized, folder, "static", {"calibration": f"{used} random-token batches"})
+        save_quantized(quantized, folder, StaticConfig(used), {"calibration": "random-token batches"})
         return measured(quantized, folder)
     return build
 
@@ -133,17 +138,15 @@ def static_build(model, calibration):
 def dynamic_build(model):
     def build(folder):
         quantized = quantize_dynamic(model)
-        save_quantized(quantized, folder, "dynamic")
+        save_quantized(quantized, folder, DynamicConfig())
         return measured(quantized, folder)
     return build
 
 
-def precision_build(model, policy: dict, per_layer: bool, embedding: bool, per_channel: bool):
+def precision_build(model, config: PrecisionConfig):
     def build(folder):
-        groups = precision_groups(model, per_layer=per_layer, embedding=embedding)
-        quantized = apply_policy(model, policy, groups, per_channel=per_channel).eval()
-        save_quantized(quantized, folder, "precision", {"policy": policy, "per_channel": per_channel,
-                                                         "per_layer": per_layer, "embedding": embedding})
+        quantized = apply_config(model, config)
+        save_quantized(quantized, folder, config)
         return measured(quantized, folder)
     return build
 
@@ -174,7 +177,7 @@ def onnx_int8_build(model, threads: int):
     def build(folder):
         with quiet_root_logger():
             exported = export_onnx(model, folder / "fp32")
-            quantized = quantize_onnx_dynamic(exported, folder / "int8")
+            quantized = save_quantized(exported, folder / "int8", OnnxInt8Config.for_this_cpu())
         shutil.rmtree(exported)  # 1.1 GB at XLM-R-base's shape; the session reads int8 only
         session = OnnxNLU.load(quantized, threads=threads, spinning=ORT_SPINNING)
         reduce_range = session.quantization.get("reduce_range") if session.quantization else None
@@ -187,12 +190,18 @@ def onnx_nbits_build(builder: Builder, source: str, threads: int):
         base = builder.variants[source].model
         if base is None:
             raise RuntimeError(f"{source} failed, nothing to export")
+        config = NBitsConfig()
         with quiet_root_logger():
-            export_precision_onnx(base, folder / "nbits", accuracy_level=ACCURACY_LEVEL)
+            save_quantized(base, folder / "nbits", config)
         session = OnnxNLU.load(folder / "nbits", threads=threads, spinning=ORT_SPINNING)
-        kernels = f"onnxruntime MatMulNBits (accuracy_level {ACCURACY_LEVEL})"
+        kernels = f"onnxruntime MatMulNBits (accuracy_level {config.accuracy_level})"
         return session, bench.artifact_size_mb(folder / "nbits"), kernels
     return build
+
+
+def study_variant(name: str, path: str, policy: str = "") -> Variant:
+    """The paper-scale stand-in of the study's variant ``name``, its method the table's."""
+    return Variant(name, variants.lookup(name).method, path, policy)
 
 
 def build_variants(profile, settings: Settings, inputs: Inputs, chosen: StudyPolicy, kernel_cache=None,
@@ -203,25 +212,22 @@ def build_variants(profile, settings: Settings, inputs: Inputs, chosen: StudyPol
     policy exported to MatMulNBits. Returns the fp32 model, the variants and the mapped policy."""
     torch.set_num_threads(settings.threads)
     fp32 = build_model(settings.shape, profile.pooling, settings.seed)
-    mapped = map_policy(chosen.policy, settings.shape.num_layers) if chosen.per_layer else dict(chosen.policy)
+    study = mapped(chosen.config, settings.shape.num_layers)
     rows = (inputs.n_tokens, settings.batch_size * inputs.n_tokens)  # the fast path's kernels for both timed batches
     b = Builder(profile.artifacts_dir / "paper_scale", inputs, log)
-    b.add(Variant("fp32", "fp32", "torch float"), fp32_build(fp32))
+    b.add(Variant(FLOAT, "fp32", "torch float"), fp32_build(fp32))
     # ONNX first: its exports hold extra copies of the fp32 weights, best made while little else is in memory
-    b.add(Variant("onnx_int8", "onnxruntime dynamic int8", "ONNX Runtime"), onnx_int8_build(fp32, settings.threads))
-    b.add(Variant("static", "static int8", "torch.ao"), static_build(fp32, inputs.calibration))
-    b.add(Variant("dynamic", "dynamic int8", "torch.ao"), dynamic_build(fp32))
-    policies = {"kd_pcptq": (mapped, chosen.per_layer, chosen.embedding, chosen.per_channel, "study (mapped)"),
-                "uniform8": (uniform(fp32, 8), True, True, True, "uniform 8"),
-                "uniform4": (uniform(fp32, 4), True, True, True, "uniform 4")}
-    for name, (policy, per_layer, embedding, per_channel, label) in policies.items():
-        b.add(Variant(name, "pcptq", "paper path", label),
-              precision_build(fp32, policy, per_layer, embedding, per_channel))
+    b.add(study_variant("kd_onnx_int8", "ONNX Runtime"), onnx_int8_build(fp32, settings.threads))
+    b.add(study_variant("baseline_static", "torch.ao"), static_build(fp32, inputs.calibration))
+    b.add(study_variant("baseline_dynamic", "torch.ao"), dynamic_build(fp32))
+    policies = {"kd_pcptq": (study, f"{study.label} (mapped)"), "uniform8": (uniform(fp32, 8), "uniform-8"),
+                "uniform4": (uniform(fp32, 4), "uniform-4")}
+    for name, (config, label) in policies.items():
+        b.add(Variant(name, "precision", "paper path", label), precision_build(fp32, config))
         if name == "kd_pcptq":
-            b.add(Variant("kd_pcptq_nbits", "pcptq -> onnx MatMulNBits", "ONNX Runtime", label),
-                  onnx_nbits_build(b, name, settings.threads))
-        b.same_artifact(Variant(f"{name}_fast", "pcptq", "fast path", label), name, fast_path(rows, kernel_cache))
+            b.add(study_variant("kd_pcptq_onnx", "ONNX Runtime", label), onnx_nbits_build(b, name, settings.threads))
+        b.same_artifact(Variant(f"{name}_fast", "precision", "fast path", label), name, fast_path(rows, kernel_cache))
     b.close()
-    order = ["fp32", "static", "dynamic", "kd_pcptq", "kd_pcptq_fast", "kd_pcptq_nbits", "uniform8", "uniform8_fast",
-             "uniform4", "uniform4_fast", "onnx_int8"]
-    return fp32, {name: b.variants[name] for name in order}, mapped
+    order = [FLOAT, "baseline_static", "baseline_dynamic", "kd_pcptq", "kd_pcptq_fast", "kd_pcptq_onnx", "uniform8",
+             "uniform8_fast", "uniform4", "uniform4_fast", "kd_onnx_int8"]
+    return fp32, {name: b.variants[name] for name in order}, dict(study.policy)

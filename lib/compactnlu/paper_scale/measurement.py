@@ -12,19 +12,28 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 import torch
 
-from .. import bench, paper
+from .. import bench, paper, variants
 from ..cpu import cpu_model, has_vnni, isa_flags
-from .build import ORT_SPINNING, Variant, build_variants
+from ..study import bars as bars_table
+from .build import FLOAT, ORT_SPINNING, Variant, build_variants
 from .inputs import Inputs, make_inputs, median_tokens
 from .policy import StudyPolicy, study_policy
 from .shape import Settings, parameter_count, settings_for
 
-# The paper's Table 2 variant each of ours stands beside (size and time over the paper's baseline).
-PAPER_COUNTERPART = {"fp32": "baseline", "static": "baseline_static", "dynamic": "baseline_dynamic",
-                     "kd_pcptq": "kd_pcptq", "kd_pcptq_fast": "kd_pcptq", "kd_pcptq_nbits": "kd_pcptq"}
-# The issue's bars for kd_pcptq on its fastest path.
+# The issue's bars for kd_pcptq on its fastest path (it and the run-time paths of its artifact).
 TIME_BAR_VS_FP32, TIME_BAR_VS_ORT, SIZE_BAR_VS_FP32 = 0.5, 1.0, 0.40
-KD_PCPTQ_PATHS = ("kd_pcptq", "kd_pcptq_fast", "kd_pcptq_nbits")
+KD_PCPTQ_PATHS = tuple(variants.derived("kd_pcptq", include_self=True))
+ORT_REFERENCE = "kd_onnx_int8"
+PAPER_VARIANTS = set(paper.TABLE2.variant)
+
+
+def paper_counterpart(name: str) -> str | None:
+    """The paper's Table 2 variant that ``name`` stands beside: itself, or the quantized variant
+    whose artifact it runs; the float model stands for the paper's baseline."""
+    if name == FLOAT:
+        return "baseline"
+    lineage = variants.lineage(name) if name in variants.BY_NAME else []
+    return next((v for v in lineage if v in PAPER_VARIANTS and variants.lookup(v).method != "fp32"), None)
 
 
 def time_variants(built: dict[str, Variant], inputs: Inputs, settings: Settings) -> pd.DataFrame:
@@ -56,11 +65,11 @@ def results_table(built: dict[str, Variant], timing: pd.DataFrame) -> pd.DataFra
     rows = [{"variant": v.name, "method": v.method, "path": v.path, "policy": v.policy, "kernels": v.kernels,
              "size_mb": v.size_mb, "build_s": v.build_s, "note": v.note} for v in built.values()]
     table = pd.DataFrame(rows).merge(timing, on="variant", how="left")
-    fp32 = table.set_index("variant").loc["fp32"]
+    fp32 = table.set_index("variant").loc[FLOAT]
     table["size_vs_fp32"] = table.size_mb / fp32.size_mb
     table["time_b32_vs_fp32"] = table.time_b32_s / fp32.time_b32_s
     table["time_b1_vs_fp32"] = table.time_b1_ms / fp32.time_b1_ms
-    table["paper_variant"] = table.variant.map(PAPER_COUNTERPART)
+    table["paper_variant"] = table.variant.map(paper_counterpart)
     table = table.merge(paper_ratios(), on="paper_variant", how="left")
     columns = ["variant", "method", "path", "policy", "kernels", "size_mb", "size_vs_fp32", "paper_size_vs_baseline",
                "time_b32_s", "time_b32_vs_fp32", "paper_time_vs_baseline", "time_b1_ms", "time_b1_vs_fp32",
@@ -69,26 +78,26 @@ def results_table(built: dict[str, Variant], timing: pd.DataFrame) -> pd.DataFra
 
 
 def bars(table: pd.DataFrame, cpu: str | None = None) -> pd.DataFrame:
-    """The issue's bars, measured in this one run: ``kd_pcptq`` on its fastest path (the one of
-    ``KD_PCPTQ_PATHS`` with the smallest time at that batch) <= 0.5x fp32 time and <= 1.0x ONNX
-    Runtime int8, at batch 32 and at batch 1; its size <= 0.40x fp32. ``met`` is False where a
-    number is missing (a failed variant)."""
+    """The issue's bars, measured in this one run (``study.bars``): ``kd_pcptq`` on its fastest path
+    (the one of ``KD_PCPTQ_PATHS`` with the smallest time at that batch, named in ``path``) <= 0.5x
+    fp32 time and <= 1.0x ONNX Runtime int8, at batch 32 and at batch 1; its size <= 0.40x fp32.
+    ``met`` is False where a number is missing (a failed variant)."""
     t = table.set_index("variant")
-    cpu = cpu or cpu_model()
-    out = []
+    measured, paths = [], []
     for column, label in (("time_b32_s", "batch 32"), ("time_b1_ms", "batch 1")):
-        paths = t.loc[[p for p in KD_PCPTQ_PATHS if p in t.index], column].dropna()
-        best = paths.idxmin() if len(paths) else None
-        best_time = paths.min() if len(paths) else math.nan
-        for what, reference, bar in (("fp32", "fp32", TIME_BAR_VS_FP32), ("ONNX Runtime int8", "onnx_int8",
-                                                                            TIME_BAR_VS_ORT)):
+        times = t.loc[[p for p in KD_PCPTQ_PATHS if p in t.index], column].dropna()
+        best = times.idxmin() if len(times) else None
+        best_time = times.min() if len(times) else math.nan
+        for what, reference, bar in (("fp32", FLOAT, TIME_BAR_VS_FP32), ("ONNX Runtime int8", ORT_REFERENCE,
+                                                                           TIME_BAR_VS_ORT)):
             ratio = best_time / t.loc[reference, column] if reference in t.index else math.nan
-            out.append({"bar": f"kd_pcptq time vs {what} ({label})", "path": best, "measured": ratio,
-                        "threshold": f"<= {bar}", "met": bool(ratio <= bar), "cpu": cpu})
-    size = t.loc["kd_pcptq", "size_mb"] / t.loc["fp32", "size_mb"] if "kd_pcptq" in t.index else math.nan
-    out.append({"bar": "kd_pcptq size vs fp32", "path": "stored artifact", "measured": size,
-                "threshold": f"<= {SIZE_BAR_VS_FP32}", "met": bool(size <= SIZE_BAR_VS_FP32), "cpu": cpu})
-    return pd.DataFrame(out)
+            measured.append((f"kd_pcptq time vs {what} ({label})", ratio, f"<= {bar}"))
+            paths.append(best)
+    size = t.loc["kd_pcptq", "size_mb"] / t.loc[FLOAT, "size_mb"] if "kd_pcptq" in t.index else math.nan
+    measured.append(("kd_pcptq size vs fp32", size, f"<= {SIZE_BAR_VS_FP32}"))
+    paths.append("stored artifact")
+    out = bars_table(measured).assign(path=paths, cpu=cpu or cpu_model())
+    return out[["bar", "path", "measured", "threshold", "met", "cpu"]]
 
 
 def environment(settings: Settings, inputs: Inputs, chosen: StudyPolicy, n_parameters: int) -> pd.DataFrame:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 
 from .. import variants
 from ..model import MultiTaskNLU
-from ..quant import precision_groups, read_details
+from ..quant import PrecisionConfig, precision_groups, read_config
 
 # When notebook 07 has not registered ``kd_pcptq`` (tests, or 07 not run): the policy the
 # default profile's run selected (figures/pcptq_policies.png, "sensitivity"), as 2 layers.
@@ -24,25 +24,20 @@ _LAYER_GROUP = re.compile(r"layer(\d+)\.(.+)")  # a per-layer group name: layer 
 
 @dataclass
 class StudyPolicy:
-    policy: dict[str, int]
-    per_layer: bool
-    embedding: bool
-    per_channel: bool
-    source: str
+    config: PrecisionConfig  # the policy with its bits for the study's encoder
+    source: str  # where it came from
 
 
 def study_policy(profile) -> StudyPolicy:
-    """The policy notebook 07 selected (``kd_pcptq``'s ``quantization.json``), or ``DEFAULT_POLICY``
-    when that variant is not registered for ``profile``."""
+    """The policy notebook 07 selected (the settings ``kd_pcptq``'s artifact was made with), or
+    ``DEFAULT_POLICY`` when that variant is not registered for ``profile``."""
     try:
         folder = variants.folder_of(profile, "kd_pcptq")
-        details = read_details(folder)
+        config = read_config(folder)
     except (KeyError, FileNotFoundError):
-        return StudyPolicy(dict(DEFAULT_POLICY), per_layer=True, embedding=True, per_channel=True,
-                           source=DEFAULT_POLICY_SOURCE)
-    return StudyPolicy({g: int(b) for g, b in details["policy"].items()}, per_layer=bool(details["per_layer"]),
-                       embedding=bool(details["embedding"]), per_channel=bool(details.get("per_channel", True)),
-                       source=f"kd_pcptq registered by notebook 07 ({folder.name})")
+        return StudyPolicy(PrecisionConfig(DEFAULT_POLICY, per_channel=True, per_layer=True, embedding=True),
+                           DEFAULT_POLICY_SOURCE)
+    return StudyPolicy(config, f"kd_pcptq registered by notebook 07 ({folder.name}, {config.label})")
 
 
 def policy_layers(policy: dict[str, int]) -> int:
@@ -67,6 +62,12 @@ def map_policy(policy: dict[str, int], target_layers: int) -> dict[str, int]:
     return mapped
 
 
+def mapped(config: PrecisionConfig, target_layers: int) -> PrecisionConfig:
+    """``config`` with its bits mapped onto ``target_layers`` encoder layers (:func:`map_policy`);
+    a policy shared by the layers fits any depth as it is."""
+    return replace(config, policy=map_policy(config.policy, target_layers)) if config.per_layer else config
+
+
 def mapped_policy_table(policy: dict[str, int]) -> pd.DataFrame:
     """Bits as component x layer (numeric layer order; heads and embedding in ``all``)."""
     rows = []
@@ -78,6 +79,7 @@ def mapped_policy_table(policy: dict[str, int]) -> pd.DataFrame:
     return table[order]
 
 
-def uniform(model: MultiTaskNLU, bits: int) -> dict[str, int]:
+def uniform(model: MultiTaskNLU, bits: int) -> PrecisionConfig:
     """Every precision group (per layer, word embedding included) at ``bits``."""
-    return {g: bits for g in precision_groups(model, per_layer=True, embedding=True)}
+    policy = {g: bits for g in precision_groups(model, per_layer=True, embedding=True)}
+    return PrecisionConfig(policy, per_channel=True, per_layer=True, embedding=True, kind="uniform", bits=bits)

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from .. import provenance
+
 sns.set_theme(style="whitegrid", context="notebook")
 
 METRICS = ("id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1")
@@ -66,4 +68,5 @@ def save(fig: plt.Figure, folder: Path | str, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    provenance.note(path)
     return path

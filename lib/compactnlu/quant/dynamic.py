@@ -4,12 +4,20 @@ activations quantized on the fly per batch, and the embeddings to 8-bit weights;
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.ao import quantization as tq
 
 from ..model import MultiTaskNLU, assert_finite
 from .common import EagerMethod, float_copy, quiet_quantization
+from .method import MethodConfig
+
+
+@dataclass(frozen=True)
+class DynamicConfig(MethodConfig):
+    """No settings: the scales come from the weights and, per batch, from the activations."""
 
 
 def dynamic_structure(model: MultiTaskNLU) -> MultiTaskNLU:
@@ -30,7 +38,7 @@ class DynamicPTQ(EagerMethod):
     """Saved as ``model.pt``; loads back as the dynamically quantized ``MultiTaskNLU``."""
 
     name = "dynamic"
-    quantize = staticmethod(quantize_dynamic)
+    config = DynamicConfig
 
     def structure(self, model: MultiTaskNLU) -> MultiTaskNLU:
         return dynamic_structure(model)

@@ -45,8 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..features import IGNORE
-from ..interface import NLUModel, decide
+from ..interface import IGNORE, NLUModel, decide
 from . import kernels
 from .kernels import CANDIDATES, DEFAULT_ROWS, FLOOR, STUDY_ROWS
 from .quantizer import fake_quantize, qmax, qmin

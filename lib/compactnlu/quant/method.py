@@ -2,16 +2,20 @@
 written and loaded back as something that runs, and the one versioned record every
 artifact carries (``quantization.json``).
 
-A handler subclasses ``QuantizationMethod``; ``registry.METHODS`` lists them by ``name``.
-Each artifact folder holds the method's files and ``quantization.json``:
-``{"format_version": 1, "method": <name>, <the method's details>, "checksums": {file: SHA-256},
-"record_sha256": <SHA-256 of the record itself>}``; the checksums cover ``config.json`` too.
-Loading reads the recorded method and dispatches to its handler (``registry.load_quantized``).
+A handler subclasses ``QuantizationMethod``; ``registry.METHODS`` lists them by ``name``. A
+method's settings are a frozen dataclass (a ``MethodConfig``), checked when it is made and written
+to the record field by field. Each artifact folder holds the method's files and ``quantization.json``:
+``{"format_version": 1, "method": <name>, <the settings>, <what the handler adds>, "checksums":
+{file: SHA-256}, "record_sha256": <SHA-256 of the record itself>}``; the checksums cover
+``config.json`` too. Loading reads the recorded method and dispatches to its handler
+(``registry.load_quantized``); ``MethodConfig.from_record`` reads the settings back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifacts import RERUN, atomic_dir, read_json, verify_checksums, with_checksums, write_json
@@ -22,11 +26,28 @@ DETAILS_FILE = "quantization.json"
 CONFIG_FILE = "config.json"
 
 
+@dataclass(frozen=True)
+class MethodConfig:
+    """A method's settings. A subclass is a frozen dataclass that refuses a bad value in
+    ``__post_init__`` (a ValueError naming the field); ``quantization.json`` holds its fields."""
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> "MethodConfig":
+        """The settings a ``quantization.json`` record (or any mapping written from them) holds;
+        its other fields (checksums, what the handler measured) are left out."""
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in record
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"{cls.__name__}: the record has no {', '.join(missing)}")
+        return cls(**{f.name: record[f.name] for f in fields if f.name in record})
+
+
 class QuantizationMethod:
-    """One quantization method. ``quantize`` is the method's own entry point (its inputs differ:
-    calibration batches, a policy, an ONNX folder); the rest is what saving and loading need."""
+    """One quantization method: its settings' dataclass, and what saving and loading need."""
 
     name: str = ""  # what quantization.json records
+    config: type[MethodConfig] = MethodConfig  # its settings
 
     def check(self, source, folder: Path, details: dict) -> None:
         """Refuse ``source`` or ``details`` before anything is written (NaN or inf weights, bad settings)."""
@@ -46,15 +67,21 @@ class QuantizationMethod:
         raise NotImplementedError
 
 
-def save_artifact(method: QuantizationMethod, source, folder: Path | str, details: dict | None = None) -> Path:
-    """``method``'s files and the versioned ``quantization.json`` in ``folder``, written atomically."""
-    folder, details = Path(folder), dict(details or {})
+def save_artifact(method: QuantizationMethod, source, folder: Path | str, config: MethodConfig | Mapping | None = None,
+                  provenance: Mapping | None = None) -> Path:
+    """``method``'s files and the versioned ``quantization.json`` in ``folder``, written atomically.
+    ``config``: the method's settings (a mapping is recorded as it is: records made by hand, in
+    tests); ``provenance``: what else to record (what it was made from, what a search saw)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, method.config):
+        raise ValueError(f"the {method.name} method takes a {method.config.__name__}, got {type(config).__name__}")
+    settings = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+    folder, details = Path(folder), {**settings, **(provenance or {})}
     method.check(source, folder, details)
     with atomic_dir(folder) as tmp:
         recorded = method.write(source, tmp, details)
-        config = NLUConfig.read(tmp / CONFIG_FILE)
         record = {"format_version": FORMAT_VERSION, "method": method.name, **recorded}
-        write_json(tmp / DETAILS_FILE, with_checksums(record, tmp, sealed_files(method, config)))
+        sealed = sealed_files(method, NLUConfig.read(tmp / CONFIG_FILE))
+        write_json(tmp / DETAILS_FILE, with_checksums(record, tmp, sealed))
     return folder
 
 

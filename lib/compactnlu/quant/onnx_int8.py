@@ -8,6 +8,7 @@ Nothing here unpickles anything: ONNX protobuf, safetensors and JSON only.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from ..cpu import assumed_no_vnni, cpu_model, has_vnni, isa_flags
 from ..model import assert_finite
 from ..onnx_runtime import ONNX_FILE, copy_sidecars
-from .method import save_artifact
+from .method import MethodConfig, save_artifact
 from .onnx_method import OnnxMethod
 
 # The quantization settings, stated once (and written to quantization.json).
@@ -48,6 +49,19 @@ QUANTIZATION = {"weight_type": "QInt8", "per_channel": False, "pre_process": Tru
 def reduce_range_for_cpu() -> bool:
     """7-bit weights where ORT's int8 kernels would saturate (no VNNI), full 8 bits elsewhere."""
     return not has_vnni()
+
+
+@dataclass(frozen=True)
+class OnnxInt8Config(MethodConfig):
+    reduce_range: bool  # 7-bit weights (reduce_range_for_cpu says where they are needed)
+
+    def __post_init__(self):
+        if not isinstance(self.reduce_range, bool):
+            raise ValueError(f"reduce_range must be true or false, got {self.reduce_range!r}")
+
+    @classmethod
+    def for_this_cpu(cls) -> "OnnxInt8Config":
+        return cls(reduce_range_for_cpu())
 
 
 def _float_initializers(path: Path) -> dict[str, torch.Tensor]:
@@ -86,16 +100,15 @@ def quantize_onnx_dynamic(src_folder: Path | str, dst_folder: Path | str,
     src = Path(src_folder)
     if not (src / ONNX_FILE).is_file():
         raise FileNotFoundError(f"no {ONNX_FILE} in {src}; run export_onnx first")
-    if reduce_range is None:
-        reduce_range = reduce_range_for_cpu()
-    return save_artifact(ORT_INT8, src, dst_folder, {"reduce_range": bool(reduce_range)})
+    config = OnnxInt8Config.for_this_cpu() if reduce_range is None else OnnxInt8Config(bool(reduce_range))
+    return save_artifact(ORT_INT8, src, dst_folder, config)
 
 
 class OnnxInt8(OnnxMethod):
-    """ORT's dynamic int8 quantization of an fp32 ONNX folder (``details``: ``reduce_range``)."""
+    """ORT's dynamic int8 quantization of an fp32 ONNX folder (settings: ``OnnxInt8Config``)."""
 
     name = "onnxruntime_dynamic"
-    quantize = staticmethod(quantize_onnx_dynamic)
+    config = OnnxInt8Config
 
     def check(self, src: Path, folder: Path, details: dict) -> None:
         assert_finite(_float_initializers(src / ONNX_FILE), str(src / ONNX_FILE))

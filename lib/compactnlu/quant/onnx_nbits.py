@@ -78,6 +78,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,7 +87,7 @@ from torch import nn
 from ..model import MultiTaskNLU, assert_finite
 from ..onnx_runtime import LOGITS, ONNX_FILE, PROTOBUF_LIMIT, copy_sidecars, export_onnx
 from .groups import precision_groups
-from .method import save_artifact
+from .method import MethodConfig, save_artifact
 from .nbits_graph import MIN_BLOCK, NBITS, rewrite_graph, set_ms_opset
 from .onnx_method import OnnxMethod
 from .quantizer import qmax
@@ -95,6 +96,15 @@ from .stored import PrecisionEmbedding, PrecisionLinear, StoredWeight, stored_la
 METHOD = "onnx_matmulnbits"
 ACCURACY_LEVEL = 4  # default: int8 activations per block on MLAS's int8 kernels, the faster (module docstring)
 ACCURACY_LEVELS = (0, 4)  # float activations, or int8 per block; 1-3 (fp32/fp16/bf16) are 0 on x86
+
+
+@dataclass(frozen=True)
+class NBitsConfig(MethodConfig):
+    accuracy_level: int = ACCURACY_LEVEL  # one of ACCURACY_LEVELS
+
+    def __post_init__(self):
+        if isinstance(self.accuracy_level, bool) or self.accuracy_level not in ACCURACY_LEVELS:
+            raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level!r}")
 
 
 # ---------------------------------------------------------------- the float twin
@@ -149,19 +159,18 @@ def export_precision_onnx(model: MultiTaskNLU, folder: Path | str, accuracy_leve
     same inputs, outputs and dynamic axes as the fp32 export), with the 4/8-bit layers'
     float weights then swapped for their stored integers.
     """
-    return save_artifact(ONNX_NBITS, model, folder, {"accuracy_level": accuracy_level})
+    return save_artifact(ONNX_NBITS, model, folder, NBitsConfig(accuracy_level))
 
 
 class OnnxNBits(OnnxMethod):
-    """A precision-controlled model as one ONNX Runtime graph keeping its bits (``details``:
-    ``accuracy_level``); loads back as an ``OnnxNLU``."""
+    """A precision-controlled model as one ONNX Runtime graph keeping its bits (settings:
+    ``NBitsConfig``); loads back as an ``OnnxNLU``."""
 
     name = METHOD
-    quantize = staticmethod(export_precision_onnx)
+    config = NBitsConfig
 
     def check(self, model: MultiTaskNLU, folder: Path, details: dict) -> None:
-        if details.get("accuracy_level") not in ACCURACY_LEVELS:
-            raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {details.get('accuracy_level')!r}")
+        NBitsConfig.from_record(details)  # a hand-made record is held to the same settings
         layers = stored_layers(model)
         if not layers:
             raise ValueError("the model holds no PrecisionLinear or PrecisionEmbedding; export_onnx exports a float "
@@ -178,7 +187,7 @@ class OnnxNBits(OnnxMethod):
         import onnx
         import onnxruntime
 
-        accuracy_level = details["accuracy_level"]
+        accuracy_level = NBitsConfig.from_record(details).accuracy_level
         model = copy.deepcopy(model).cpu().eval()
         layers = stored_layers(model)
         with tempfile.TemporaryDirectory(prefix="nbits-") as scratch:

@@ -1,10 +1,10 @@
 """Every quantization method by the name ``quantization.json`` records, and the two calls that
 use them: ``save_quantized`` and ``load_quantized``.
 
-Adding a method: a module with a ``QuantizationMethod`` subclass (``method.py`` says what
-it defines), one entry in ``METHODS`` below, one test file. Loading reads the recorded
-method and its ``format_version`` and dispatches to the handler; it never guesses a
-format from which files a folder holds.
+Adding a method: a module with its settings (a ``MethodConfig`` dataclass) and a
+``QuantizationMethod`` subclass naming them (``method.py`` says what it defines), one entry in
+``METHODS`` below, one test file. Loading reads the recorded method and its ``format_version``
+and dispatches to the handler; it never guesses a format from which files a folder holds.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 from ..artifacts import verify_checksums
 from ..model import NLUConfig
 from .dynamic import DynamicPTQ
-from .method import CONFIG_FILE, DETAILS_FILE, QuantizationMethod, read_record, save_artifact, sealed_files
+from .method import (CONFIG_FILE, DETAILS_FILE, MethodConfig, QuantizationMethod, read_record, save_artifact,
+                     sealed_files)
 from .onnx_int8 import ORT_INT8
 from .onnx_nbits import ONNX_NBITS
 from .precision import PrecisionPTQ
@@ -25,15 +26,26 @@ METHODS: dict[str, QuantizationMethod] = {m.name: m for m in (
 )}
 
 
-def save_quantized(source, folder: Path | str, method: str, details: dict | None = None) -> Path:
-    """``source`` saved by ``method``'s handler in ``folder``, with a ``quantization.json``
-    recording the format version, the method, ``details`` and the files' SHA-256.
+def method_of(config: MethodConfig) -> QuantizationMethod:
+    """The registered method whose settings ``config`` is."""
+    for method in METHODS.values():
+        if type(config) is method.config:
+            return method
+    raise ValueError(f"no registered method takes a {type(config).__name__}; methods: {sorted(METHODS)}")
 
-    ``source`` is what the method saves: the quantized model for ``static``, ``dynamic`` and
-    ``precision`` (``details`` must then carry ``policy``, ``per_channel``, ``per_layer`` and
-    ``embedding``), the fp32 ONNX folder for ``onnxruntime_dynamic``, the precision model for
-    ``onnx_matmulnbits``.
+
+def save_quantized(source, folder: Path | str, method: str | MethodConfig, details: dict | None = None) -> Path:
+    """``source`` saved by the method's handler in ``folder``, with a ``quantization.json``
+    recording the format version, the method, its settings, ``details`` and the files' SHA-256.
+
+    ``method`` is the method's settings (``StaticConfig(n_batches=100)``, ...: the method is the
+    one registered with them, ``details`` what else to record), or a registered method's name
+    with ``details`` recorded as they are (records made by hand, in tests). ``source`` is what the
+    method saves: the quantized model for ``static``, ``dynamic`` and ``precision``, the fp32 ONNX
+    folder for ``onnxruntime_dynamic``, the precision model for ``onnx_matmulnbits``.
     """
+    if isinstance(method, MethodConfig):
+        return save_artifact(method_of(method), source, folder, method, details)
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     return save_artifact(METHODS[method], source, folder, details)
@@ -42,6 +54,12 @@ def save_quantized(source, folder: Path | str, method: str, details: dict | None
 def read_details(folder: Path | str) -> dict:
     """The record of a quantized artifact, its method registered and its format version this one's."""
     return read_record(Path(folder) / DETAILS_FILE, METHODS)
+
+
+def read_config(folder: Path | str) -> MethodConfig:
+    """The settings a quantized artifact was made with, as its method's ``MethodConfig``."""
+    record = read_details(folder)
+    return METHODS[record["method"]].config.from_record(record)
 
 
 def load_quantized(folder: Path | str, labels=None):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -48,12 +48,12 @@ Objective = Callable[[nn.Module], Callable[[Mapping], torch.Tensor]]
 
 @dataclass(frozen=True)
 class SearchConfig:
+    steps: int  # calibration batches the controller is trained on (the profile's pcptq_steps)
     lam: float = 1.0  # weight of the expected cost (fraction of fp32 size) in the objective
     bits: tuple[int, ...] = DEFAULT_BITS
     per_layer: bool = True  # one decision per encoder layer (the paper's θ_L) or shared across layers
     embedding: bool = True  # the word embedding is a group of its own, its size counted and controlled
     per_channel: bool = True  # one weight scale per output row (False: per tensor, literally Eq. 8)
-    steps: int = 150
     batch_size: int = 32
     theta_lr: float = 0.05
     weight_lr: float = 1e-5  # 0: only θ is trained (pure PTQ)
@@ -64,10 +64,10 @@ class SearchConfig:
     sensitivity_batches: int = 8
     seed: int = 0
 
-    def details(self) -> dict:
-        """What keys a saved search and rebuilds its structure (``save_quantized``'s details)."""
-        return {"search": asdict(self), "per_channel": self.per_channel, "per_layer": self.per_layer,
-                "embedding": self.embedding}
+    @classmethod
+    def for_profile(cls, profile, **changes) -> "SearchConfig":
+        """The study's search: its length from the profile (``pcptq_steps``), the rest as ``changes`` say."""
+        return cls(steps=profile.pcptq_steps, **changes)
 
 
 @dataclass
@@ -77,7 +77,7 @@ class SearchResult:
     probabilities: pd.DataFrame  # final softmax(θ): one row per group, one column per bit-width
     history: pd.DataFrame  # per step: tau, loss, the objective's loss ("distillation"), expected cost, bits per group
     sensitivity: dict[str, float]
-    config: SearchConfig = field(default_factory=SearchConfig)
+    config: SearchConfig
 
 
 def _inputs(batch: Mapping) -> dict:
@@ -97,8 +97,8 @@ def _groups_and_sensitivity(model: nn.Module, batches: Iterator[Mapping], config
     return groups, scores
 
 
-def search_policy(model: nn.Module, batches: Iterator[Mapping], objective: Objective,
-                  config: SearchConfig = SearchConfig(), desc: str = "search") -> SearchResult:
+def search_policy(model: nn.Module, batches: Iterator[Mapping], objective: Objective, config: SearchConfig,
+                  desc: str = "search") -> SearchResult:
     """Run Algorithm 1 on a copy of ``model`` (left as it is) and return the frozen, exported result.
 
     ``batches``: endless calibration batches of the training split (the first
@@ -147,7 +147,7 @@ def uniform_policy(model: nn.Module, bits: int, per_layer: bool = True, embeddin
     return {g: bits for g in precision_groups(model, per_layer=per_layer, embedding=embedding)}
 
 
-def sensitivity_only_policy(model: nn.Module, batches: Iterator[Mapping], config: SearchConfig = SearchConfig()
+def sensitivity_only_policy(model: nn.Module, batches: Iterator[Mapping], config: SearchConfig
                             ) -> tuple[dict[str, int], dict[str, float]]:
     """Algorithm 1's sensitivity score alone, on the next ``config.sensitivity_batches`` of
     ``batches``: groups cut into equal quantiles, the least sensitive getting the fewest bits

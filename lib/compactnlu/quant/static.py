@@ -12,6 +12,7 @@ them inside a Hugging Face layer, so activations are dequantized around each lin
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from itertools import islice
 
 import torch
@@ -21,6 +22,7 @@ from torch.ao.quantization.observer import MinMaxObserver
 
 from ..model import MultiTaskNLU, assert_finite
 from .common import EagerMethod, float_copy, quiet_quantization
+from .method import MethodConfig
 
 # 7-bit activations (0..127): x86 kernels without VNNI can overflow 16-bit accumulators with full-range uint8
 STATIC_QCONFIG = tq.QConfig(
@@ -60,6 +62,14 @@ def check_n_batches(n_batches) -> int:
     return int(n_batches)
 
 
+@dataclass(frozen=True)
+class StaticConfig(MethodConfig):
+    n_batches: int  # calibration batches of the training split seen by the min-max observers
+
+    def __post_init__(self):
+        object.__setattr__(self, "n_batches", check_n_batches(self.n_batches))
+
+
 @torch.no_grad()
 def calibrate(prepared: MultiTaskNLU, batches, n_batches: int) -> int:
     """Run ``n_batches`` batches through the observers; returns how many were used."""
@@ -95,11 +105,11 @@ def quantize_static(model: MultiTaskNLU, batches, n_batches: int) -> tuple[Multi
 
 
 class StaticPTQ(EagerMethod):
-    """Saved as ``model.pt`` (``details`` records ``n_batches``); loads back as the converted
+    """Saved as ``model.pt`` (the record holds ``StaticConfig``); loads back as the converted
     ``MultiTaskNLU``."""
 
     name = "static"
-    quantize = staticmethod(quantize_static)
+    config = StaticConfig
 
     def structure(self, model: MultiTaskNLU) -> MultiTaskNLU:
         return static_structure(model)

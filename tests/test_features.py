@@ -274,3 +274,13 @@ def test_an_edited_label_list_or_tokenizer_file_is_refused_on_load(smoke):
     tokenizer_file.write_text(tokenizer_file.read_text(encoding="utf-8") + " ", encoding="utf-8")
     with pytest.raises(ValueError, match=rf"{tokenizer_file.name} is corrupt or truncated"):
         load_study_data(smoke)
+
+
+def test_a_file_added_to_a_sealed_folder_is_refused(smoke):
+    """A tokenizer reads whatever json its folder holds, so a file its record does not list is refused."""
+    from compactnlu.features import load_study_data
+
+    data = build_study_data(smoke)
+    (data.tokenizer_path / "added_tokens.json").write_text('{"wake": 7}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"holds 1 file\(s\) its integrity\.json does not record, e\.g\. added_tokens"):
+        load_study_data(smoke)

@@ -160,6 +160,8 @@ def test_corpus_text_is_readable(answer):
     assert answer("wake me at five am")["unreadable_words"] == 0
     # the six scripts, with the zero-width (non-)joiners their words hold
     assert answer("अलार्म সকাল அலாரம் అలారం ಅಲಾರಂ അലാറം\u200d")["unreadable_words"] == 0
+    # everyday signs, superscripts, fractions, modifier letters and Tamil's signs are text too
+    assert [c for c in "°©½²ʼ௳" if not inference._readable_character(c)] == []
 
 
 @pytest.mark.parametrize("word", ["\U0001F600", "будильник", "闹钟", "wake\x07", "\u200b", "\ufeffwake", "\u202eam"])

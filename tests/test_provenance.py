@@ -99,3 +99,20 @@ def test_problems_name_results_that_are_not_from_one_commits_code(run_folder, mo
     monkeypatch.setattr(provenance, "entry", lambda: {**clean, "commit": head + "+dirty"})
     write_results(run_folder)
     assert any("uncommitted code" in p for p in provenance.problems(run_folder))
+
+
+def test_a_stage_writing_tables_is_cached_on_the_next_run(tmp_path):
+    """provenance.json changes with every table any stage (or the runner) writes: it is a record,
+    not a stage's output, so it sends no stage back to run."""
+    from compactnlu.reproduce import run
+
+    figures = load_profile("smoke").figures_dir  # under tmp_path (isolated_folders); the kernel is told
+    nb = write_notebook(tmp_path / "01_table.ipynb",
+                        "import pathlib\nimport pandas as pd\nfrom compactnlu import provenance\n"
+                        "from compactnlu.artifacts import write_table\nfrom compactnlu.config import load_profile\n"
+                        f"figures = pathlib.Path({str(figures)!r})\n"
+                        "provenance.set_run(load_profile(profile))\nprovenance._run['figures'] = figures\n"
+                        "write_table(pd.DataFrame({'a': [1]}), figures / 'tables' / 'one.csv')")
+    assert statuses(run("smoke", notebooks=[nb])) == ["ran"]
+    assert "tables/one.csv" in json.loads((figures / provenance.FILE).read_text())
+    assert statuses(run("smoke", notebooks=[nb])) == ["cached"]

@@ -144,13 +144,21 @@ def seal_folder(folder: Path | str) -> None:
 
 
 def verify_folder(folder: Path | str) -> None:
-    """Check every file ``integrity.json`` records below ``folder``; a folder without one is refused."""
-    manifest = Path(folder) / FOLDER_MANIFEST
+    """Check every file ``integrity.json`` records below ``folder``, and that it records every file
+    there (a tokenizer reads whatever json it finds); a folder without one is refused. Arrow caches
+    that ``datasets`` writes beside a saved dataset (``cache-*.arrow``) are not the folder's own."""
+    folder = Path(folder)
+    manifest = folder / FOLDER_MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} is missing (the folder was saved before its files were checksummed, "
                                 f"or was copied in part); {RERUN}")
-    record = verify_checksums(manifest, [])
-    verify_checksums(manifest, list(record.get(CHECKSUMS) or {}))
+    recorded = verify_checksums(manifest, []).get(CHECKSUMS) or {}
+    extra = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != FOLDER_MANIFEST
+                   and str(p.relative_to(folder)) not in recorded and not p.name.startswith("cache-"))
+    if extra:
+        raise ValueError(f"{folder} holds {len(extra)} file(s) its {FOLDER_MANIFEST} does not record, e.g. {extra[0]}, "
+                         f"which could change what is loaded from it; {RERUN}")
+    verify_checksums(manifest, list(recorded))
 
 
 def without_seal(record: dict) -> dict:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -299,7 +300,9 @@ def distill_student(profile, data, teachers: dict, config: DistillConfig | None 
     # The Trainer's model is the whole Distiller, so its checkpoints hold the fusion and projection
     # heads too, beside the optimizer, scheduler and RNG states: a resumed run ends where an
     # uninterrupted one would.
-    resume = train.last_good_checkpoint(checkpoints) if checkpoints.exists() and not retrain else None
+    if retrain:  # an older run's checkpoints would outrank the new ones in the Trainer's rotation
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    resume = train.last_good_checkpoint(checkpoints) if checkpoints.exists() else None
     if resume:
         log.info("resuming %s from %s", name, resume)
     history, seconds = fit_and_save(trainer, final, save, resume, info={"distill_config": asdict(config)})

@@ -61,6 +61,9 @@ def evaluate_variant(model, data: StudyData, profile: Profile, variant: str, bat
     single-utterance test (the PTQ variants of the later training seeds, which no table reads it for).
     """
     folder = predictions_dir(profile, variant)
+    config = getattr(model, "config", None)
+    if hasattr(config, "check_labels"):  # its outputs are scored by the data's label names
+        config.check_labels(data.labels, f"variant {variant}'s config")
     if hasattr(model, "predict_frame"):
         def run(split, desc):
             return model.predict_frame(data.features[split], data.labels)

@@ -52,9 +52,9 @@ CORPUS_FORMAT_CHARACTERS = {"\u200b", "\u200c", "\u200d"}
 
 def _readable_character(ch: str) -> bool:
     category = unicodedata.category(ch)
-    if category == "Nd" or category[0] == "P" or category in ("Sc", "Sm", "Sk"):
-        return True
-    if category[0] in "LMN":
+    if category in ("Nd", "No", "Lm", "Sc", "Sm", "Sk") or category[0] == "P" or ch in "°©®":
+        return True  # digits, ², ½, modifier letters, currency, math, punctuation, everyday signs
+    if category[0] in "LMNS":  # letters and marks of the six scripts (Tamil's signs too), not emoji
         return unicodedata.name(ch, "").split(" ")[0] in SCRIPTS or category == "Mn" and ch < "\u0370"
     return ch in CORPUS_FORMAT_CHARACTERS
 

@@ -90,7 +90,11 @@ def note(path: Path | str) -> None:
     if figures is None or not path.is_relative_to(figures):
         return
     record_file = figures / FILE
-    recorded = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+    try:
+        recorded = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+    except ValueError as error:  # e.g. a merge conflict in the committed file
+        raise ValueError(f"{record_file} is not valid JSON ({error}); delete it and rerun the notebooks that "
+                         f"wrote {figures}") from None
     recorded[path.relative_to(figures).as_posix()] = entry()
     tmp = record_file.with_name(f".{FILE}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(dict(sorted(recorded.items())), indent=1) + "\n", encoding="utf-8")

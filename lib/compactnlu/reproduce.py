@@ -124,7 +124,7 @@ def _executed_problem(executed: Path) -> str | None:
 def _why_rerun(entry: dict | None, digest: str, artifacts: str, executed: Path) -> str | None:
     """Why a stage cannot count as finished, or None when it can."""
     if not entry or entry.get("hash") != digest:
-        return "not finished with these parameters"
+        return "not finished with this notebook, these parameters and this library code"
     if entry.get("artifacts_dir") != artifacts:
         return f"finished with another artifacts folder ({entry.get('artifacts_dir')})"
     problem = _executed_problem(executed)
@@ -133,24 +133,37 @@ def _why_rerun(entry: dict | None, digest: str, artifacts: str, executed: Path) 
     outputs = entry.get("outputs")
     if not isinstance(outputs, dict):
         return "no record of the files it wrote"
-    changed = [path for path, digest in outputs.items() if _sha256(Path(path)) != digest]
+    changed = [path for path, recorded in outputs.items() if not _unchanged(Path(path), recorded)]
     if changed:
         return f"{len(changed)} of the {len(outputs)} files it wrote are missing or changed, e.g. {changed[0]}"
     return None
 
 
-def _sha256(path: Path) -> str | None:
+def _unchanged(path: Path, recorded) -> bool:
+    """Whether ``path`` still holds what was recorded (``[size, mtime_ns, SHA-256]``). The SHA-256
+    is compared only where size or time moved, so a rerun does not hash gigabytes of models
+    that nothing touched; an edit, even one that keeps the size, moves the time."""
     try:
-        return sha256_file(path)
+        st = path.stat()
+    except OSError:
+        return False
+    if not isinstance(recorded, list) or len(recorded) != 3:
+        return False
+    return [st.st_size, st.st_mtime_ns] == recorded[:2] or sha256_file(path) == recorded[2]
+
+
+def _fingerprint(path: Path, stat: list[int]) -> list | None:
+    try:
+        return [*stat, sha256_file(path)]
     except OSError:
         return None
 
 
-def _record_outputs(state: dict, name: str, before: dict, after: dict) -> dict[str, str]:
-    """The files stage ``name`` created or changed (path -> SHA-256). Files an earlier stage wrote
-    and this one changed or removed are brought up to date in that stage's record, so a table
-    several stages add rows to does not send the earlier ones back to run."""
-    changed = {path: _sha256(Path(path)) for path, stat in after.items() if before.get(path) != stat}
+def _record_outputs(state: dict, name: str, before: dict, after: dict) -> dict[str, list]:
+    """The files stage ``name`` created or changed (path -> [size, mtime_ns, SHA-256]). Files an
+    earlier stage wrote and this one changed or removed are brought up to date in that stage's
+    record, so a table several stages add rows to does not send the earlier ones back to run."""
+    changed = {path: _fingerprint(Path(path), stat) for path, stat in after.items() if before.get(path) != stat}
     for other, entry in state.items():
         outputs = entry.get("outputs")
         if other == name or not isinstance(outputs, dict):
@@ -236,7 +249,9 @@ def run(profile: str = "default", overrides: dict | None = None, *, force: bool 
     config = load_profile(profile, overrides)  # fail early on a bad profile or override
     chosen = selected_notebooks(notebooks or numbered_notebooks(), only)
     provenance.set_run(config)
-    with runner_lock(config.artifacts_dir.resolve()):
+    out = Path(out_dir or ROOT / "runs" / profile)
+    # one runner per artifacts folder (the models) and per runs folder (the state, the executed copies)
+    with runner_lock(config.artifacts_dir.resolve()), runner_lock(out.resolve()):
         return _run(config, profile, overrides, chosen, force=force, custom=notebooks is not None, out_dir=out_dir)
 
 
@@ -251,7 +266,9 @@ def _run(config, profile: str, overrides: dict | None, chosen: list[Path], *, fo
     times_path = (out_dir if custom else config.tables_dir) / "notebook_times.csv"
     # What a stage made lives in these folders; the runner's own files there are not a stage's.
     watched = [config.artifacts_dir.resolve(), config.figures_dir.resolve()]
+    # provenance.json is rewritten by every stage and by the runner's own times table: a record, not an output
     runner_files = {times_path.resolve(), times_path.with_suffix(".md").resolve(),
+                    (config.figures_dir / provenance.FILE).resolve(),
                     (config.artifacts_dir / LOCK_FILE).resolve()}
     artifacts = str(watched[0])
     rows = []

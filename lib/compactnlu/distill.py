@@ -52,11 +52,10 @@ from transformers import set_seed
 from . import train
 from .artifacts import read_json, read_safetensors, verify_checksums, with_checksums, write_json
 from .cachekeys import artifact_dir
-from .config import uses_mlm
 from .features import IGNORE
 from .interface import NLUOutput
 from .model import MultiTaskNLU
-from .pretrain import pretrain_encoder
+from .pretrain import prepare_encoder
 from .kd_losses import (TeacherFusion, adaptive_temperature, contrastive_loss, fuse, multilabel_confidence,
                         multilabel_kd, representation_mse, token_kd)
 from .teacher_cache import by_length, cached_teacher_outputs
@@ -281,8 +280,7 @@ def distill_student(profile, data, teachers: dict, config: DistillConfig | None 
         info = read_json(final / "training.json")
         return DistilledModel(student, distiller.eval(), final, info["history"], info["train_seconds"])
 
-    if uses_mlm(student_profile):
-        pretrain_encoder(student_profile, data)
+    prepare_encoder(student_profile, data)
     set_seed(profile.train_seed)
     student = MultiTaskNLU(student_config)
     distiller = Distiller(student, config, teacher_hidden_size(cache))

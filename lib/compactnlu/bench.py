@@ -29,6 +29,7 @@ from .config import PROFILES, load_profile
 from .cpu import cpu_model, has_vnni, isa_flags
 from .features import load_study_data
 from .interface import IGNORE, infer
+from .progress import bar
 from .quant import DETAILS_FILE, read_details
 from .quant.fast import kernel_summary
 from .quant.onnx_int8 import ORT_INT8
@@ -83,12 +84,14 @@ def time_passes(models: dict, batches: list[dict], repeats: int = 5, warmup: int
             for batch in batches[:: max(1, len(batches) // 8)]:
                 infer(models[name], batch)
     rows = []
-    for r, order in running_orders(names, repeats):
-        for name in order:
-            start = time.perf_counter()
-            for batch in batches:
-                infer(models[name], batch)
-            rows.append({"variant": name, "repeat": r, "seconds": time.perf_counter() - start})
+    with bar(desc="timed passes", total=repeats * len(names)) as progress:
+        for r, order in running_orders(names, repeats):
+            for name in order:
+                start = time.perf_counter()
+                for batch in batches:
+                    infer(models[name], batch)
+                rows.append({"variant": name, "repeat": r, "seconds": time.perf_counter() - start})
+                progress.update()  # after the clock stopped
     return pd.DataFrame(rows)
 
 
@@ -100,11 +103,13 @@ def latency(models: dict, singles: list[dict], warmup: int = 10) -> pd.DataFrame
         for batch in singles[:warmup]:
             infer(models[name], batch)
     rows = []
-    for (i, order), batch in zip(running_orders(names, len(singles)), singles):
-        for name in order:
-            start = time.perf_counter()
-            infer(models[name], batch)
-            rows.append({"variant": name, "utterance": i, "ms": 1e3 * (time.perf_counter() - start)})
+    with bar(desc="latency", total=len(singles)) as progress:
+        for (i, order), batch in zip(running_orders(names, len(singles)), singles):
+            for name in order:
+                start = time.perf_counter()
+                infer(models[name], batch)
+                rows.append({"variant": name, "utterance": i, "ms": 1e3 * (time.perf_counter() - start)})
+            progress.update()  # between utterances, outside every timed call
     return pd.DataFrame(rows)
 
 
@@ -113,14 +118,14 @@ def time_classic(model, dataset, labels, repeats: int = 5, n_latency: int = 200)
     ``predict_frame`` over ``dataset`` (features, linear models, CRF and the output table), latency
     on ``n_latency`` single utterances, throughput over the whole pass. Variant name ``classic``."""
     passes = []
-    for r in range(repeats):
+    for r in bar(range(repeats), desc="classic passes"):  # the bar advances between passes
         start = time.perf_counter()
         model.predict_frame(dataset, labels)
         passes.append({"variant": "classic", "repeat": r, "seconds": time.perf_counter() - start})
     sample = np.random.default_rng(0).choice(len(dataset), size=min(len(dataset), n_latency), replace=False)
     singles = [dataset.select([int(i)]) for i in sample]
     latencies = []
-    for i, single in enumerate(singles):
+    for i, single in enumerate(bar(singles, desc="classic latency")):
         start = time.perf_counter()
         model.predict_frame(single, labels)
         latencies.append({"variant": "classic", "utterance": i, "ms": 1e3 * (time.perf_counter() - start)})
@@ -177,6 +182,11 @@ def peak_memory_mb(profile, variant: str, n_batches: int = 20, batch_size: int =
     if done.returncode:
         raise RuntimeError(f"memory probe of {variant} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def peak_memories(profile, variants: list[str], **kw) -> pd.DataFrame:
+    """``peak_memory_mb`` of each of ``variants`` in turn (a fresh process each), with a progress bar."""
+    return pd.DataFrame([peak_memory_mb(profile, v, **kw) for v in bar(variants, desc="peak memory")])
 
 
 def _memory_probe(profile_name: str, overrides: dict, variant: str, n_batches: int, batch_size: int,
@@ -281,7 +291,7 @@ def time_split(models: dict, batches: list[dict], repeats: int = 2) -> pd.DataFr
     rows = []
     for name, model in models.items():
         infer(model, batches[0])
-    for r, order in running_orders(list(models), repeats):
+    for r, order in bar(running_orders(list(models), repeats), desc="time split", total=repeats):
         for name in order:
             model = models[name]
             start = time.perf_counter()

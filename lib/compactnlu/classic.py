@@ -48,6 +48,7 @@ from .cachekeys import artifact_dir
 from .config import Profile
 from .features import StudyData
 from .interface import decide_sets
+from .progress import bar
 from .compose import multi_hot, one_label_per_word
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,17 @@ def _seed_c_rand(seed: int) -> None:
         log.warning("cannot seed the C library's rand(); the CRF's training order is not repeatable")
 
 
+class _CRFTrainer(pycrfsuite.Trainer):
+    """CRFsuite's trainer, silent but for a progress bar (``progress``) that advances on each
+    iteration CRFsuite's log reports; the log is only read, training is the same."""
+
+    progress = None
+
+    def message(self, message):
+        if self.logparser.feed(message) == "iteration" and self.progress is not None:
+            self.progress.update()
+
+
 class ClassicNLU:
     """TF-IDF + one-vs-rest logistic regression for ID and DC, a word CRF for SF."""
 
@@ -138,11 +150,13 @@ class ClassicNLU:
     def fit(self, dataset, labels) -> "ClassicNLU":
         s, start = self.settings, time.perf_counter()
         self.intents, self.scenarios, self.tags = tuple(labels.intents), tuple(labels.scenarios), tuple(labels.tags)
+        stages = bar(desc="classic fit: TF-IDF, ID, DC", total=3)
         self.vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=s.ngram_range, min_df=s.min_df,
                                           max_features=s.max_features, sublinear_tf=True, dtype=np.float32)
         x = self.vectorizer.fit_transform(_texts(dataset))
         # plain ints: skops would write each NumPy integer of the vocabulary as a file of its own
         self.vectorizer.vocabulary_ = {term: int(i) for term, i in self.vectorizer.vocabulary_.items()}
+        stages.update()
 
         def classifier(targets):
             regression = LogisticRegression(C=s.C, solver="liblinear", dual=True, tol=s.tol, random_state=s.seed)
@@ -150,21 +164,26 @@ class ClassicNLU:
             for estimator in fitted.estimators_:  # float32 weights, as the neural models keep: half the file
                 if hasattr(estimator, "coef_"):  # not the constant stand-in for a label never seen
                     estimator.coef_ = estimator.coef_.astype(np.float32)
+            stages.update()
             return fitted
 
         self.intent_clf = classifier(multi_hot(dataset["intents"], self.intents))
         self.domain_clf = classifier(multi_hot(dataset["scenarios"], self.scenarios))
 
+        stages.close()
         text_seconds = time.perf_counter() - start
         _seed_c_rand(s.seed)
-        trainer = pycrfsuite.Trainer(algorithm=s.crf_algorithm, verbose=False)
-        for words, tags, locale in zip(dataset["words"], dataset["tags"], dataset["locale"]):
+        trainer = _CRFTrainer(algorithm=s.crf_algorithm, verbose=False)
+        rows = zip(dataset["words"], dataset["tags"], dataset["locale"])
+        for words, tags, locale in bar(rows, desc="classic fit: SF features", total=len(dataset)):
             trainer.append(word_features(words, locale), list(tags))
         params = {"max_iterations": s.crf_epochs, "feature.minfreq": s.crf_minfreq}
         trainer.set_params({**params, "c2": s.crf_c2} if s.crf_algorithm == "l2sgd" else params)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / CRF_FILE
-            trainer.train(str(path))
+            trainer.progress = bar(desc="classic fit: SF (CRF) iterations", total=s.crf_epochs)
+            with trainer.progress:
+                trainer.train(str(path))
             self._set_crf(path.read_bytes())
         log.info("classic fit: ID and DC %.0f s, SF %.0f s", text_seconds, time.perf_counter() - start - text_seconds)
         return self

@@ -24,11 +24,11 @@ import pandas as pd
 import torch
 from seqeval.metrics import f1_score as span_f1
 from sklearn.metrics import f1_score
-from tqdm.auto import tqdm
 
 from .artifacts import atomic_write
 from .compose import LabelSpace, multi_hot, one_label_per_word  # noqa: F401 (part of metrics' API)
 from .interface import IGNORE, THRESHOLD, NLUModel, infer
+from .progress import bar
 
 METRIC_COLUMNS = ["id_acc", "id_f1", "dc_acc", "dc_f1", "sf_acc", "sf_f1"]
 # the feature columns the study's collators read
@@ -54,7 +54,7 @@ def predict(model: NLUModel, dataset, collator, labels: LabelSpace, batch_size: 
     rows: dict[int, dict] = {}
     losses, weights = [], []
     inputs = dataset.select_columns([c for c in MODEL_INPUTS if c in dataset.column_names])
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+    for start in bar(range(0, len(order), batch_size), desc=desc):
         idx = order[start:start + batch_size].tolist()
         columns = inputs[idx]  # one columnar read a batch, not one row read an example
         batch = collator([dict(zip(columns, values)) for values in zip(*columns.values())])

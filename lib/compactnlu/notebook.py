@@ -18,7 +18,8 @@ from .config import ROOT, Profile, load_profile
 def start(profile: str, overrides: dict | None = None) -> Profile:
     """Load the profile and set up logging; print what this run will read and write."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-    transformers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()  # no warnings, but the Trainer's progress bar stays
+    transformers.logging.enable_progress_bar()
     # Progress bars of dataset maps flood papermill's logs; notebooks show their own tqdm bars.
     if os.environ.get("PAPERMILL_EXECUTION") or not os.isatty(1):
         datasets.disable_progress_bars()

@@ -40,6 +40,8 @@ def training_arguments(profile: Profile, output_dir: Path, **overrides) -> Train
         save_strategy="epoch",
         logging_strategy="steps",
         logging_steps=200,
+        # the bar with time left; its default follows the log level, and notebooks log at ERROR
+        disable_tqdm=False,
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,

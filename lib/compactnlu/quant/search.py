@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import trange
 
+from ..progress import bar
 from .controller import GumbelController, anneal_rate, tau_at
 from .groups import Groups, apply_mixed, apply_policy, group_param_counts, precision_groups
 from .quantizer import DEFAULT_BITS
@@ -120,7 +120,7 @@ def search_policy(model: nn.Module, batches: Iterator[Mapping], objective: Objec
     optimizer = torch.optim.Adam(parameters)
     rate = anneal_rate(config.steps, config.tau0, config.tau_min)
     history = []
-    for step in trange(config.steps, desc=desc, leave=False):
+    for step in bar(range(config.steps), desc=desc):
         tau = tau_at(step, config.tau0, config.tau_min, rate)
         controller.resample(tau, hard=config.hard)
         task_loss = loss_of(next(batches))

@@ -21,6 +21,7 @@ from torch.ao import quantization as tq
 from torch.ao.quantization.observer import MinMaxObserver
 
 from ..model import MultiTaskNLU, assert_finite
+from ..progress import bar
 from .common import EagerMethod, float_copy, quiet_quantization
 from .method import MethodConfig
 
@@ -75,7 +76,7 @@ def calibrate(prepared: MultiTaskNLU, batches, n_batches: int) -> int:
     """Run ``n_batches`` batches through the observers; returns how many were used."""
     n_batches = check_n_batches(n_batches)
     used = 0
-    for batch in islice(batches, n_batches):
+    for batch in bar(islice(batches, n_batches), desc="calibrate", total=n_batches):
         prepared(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         used += 1
     return used
